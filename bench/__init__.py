@@ -1,0 +1,1 @@
+"""zeta's benchmark suite: ``python -m bench NAME [--seed S] [--json]``."""

@@ -1,0 +1,88 @@
+"""zeta's exception hierarchy.
+
+Every error zeta raises derives from :class:`ZetaError`. Two families tell the caller what to do:
+:class:`TryAgainError` ("the system is busy or broken right now, retry later") and
+:class:`InvalidInputError` ("your input or configuration is wrong, retrying will not help").
+"""
+
+from __future__ import annotations
+
+
+class ZetaError(Exception):
+    """Root of every exception zeta raises."""
+
+
+class TryAgainError(ZetaError):
+    """The request was fine but could not be served now; a retry may succeed."""
+
+
+class InvalidInputError(ZetaError, ValueError):
+    """The caller's input or configuration is wrong; retrying the same thing will fail again."""
+
+
+class ConfigError(InvalidInputError):
+    """Raised when building a :class:`~zeta.ModelSpec`, a policy or a config file with invalid values.
+
+    The message names the offending key and the problem.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+class InvalidRequestError(InvalidInputError):
+    """Raised by the scheduler's public methods when a request is malformed.
+
+    Examples: an empty prompt, ``max_tokens < 1``, an unknown kind, a deadline in the past.
+    """
+
+
+class KernelInputError(InvalidInputError):
+    """Raised by the scoring kernel for NaN, negative or infinite inputs or mismatched arrays."""
+
+
+class NoCapableModelError(InvalidInputError):
+    """Raised when no configured model can serve the request's kind at all."""
+
+
+class ModelLoadError(ZetaError):
+    """Raised when a model file cannot be loaded (missing, empty, truncated, wrong format).
+
+    ``path`` names the file.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class Overloaded(TryAgainError):
+    """Raised at admission when every capable model's mailbox is full.
+
+    ``retry_after`` is a hint in seconds, from the current queue and service-time estimates.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(f"{message} (retry after {retry_after:.3f}s)")
+        self.retry_after = retry_after
+
+
+class ActorDead(TryAgainError):
+    """Raised when the actor serving a request died and no other capable model could take it."""
+
+
+class ModelUnavailable(TryAgainError):
+    """Raised when every model that could serve a kind is marked down by the supervisor."""
+
+
+class DeadlineExceeded(TryAgainError):
+    """Raised when a request's deadline passes before it finished (queued requests never run)."""
+
+
+class BackendError(ZetaError):
+    """Raised when a backend call failed for a reason other than the model being dead."""
+
+
+class SchedulerClosed(ZetaError):
+    """Raised when a request is submitted to, or still pending in, a scheduler that is shutting down."""

@@ -1,0 +1,1 @@
+"""Telemetry: resource samplers, Prometheus metrics and structured logging."""
