@@ -24,7 +24,9 @@ def get_backend(name: str) -> BackendFactory:
     try:
         target = BACKENDS[name]
     except KeyError:
-        raise ConfigError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}", key="backend") from None
+        raise ConfigError(
+            f"unknown backend {name!r}; known: {sorted(BACKENDS)}", key="backend"
+        ) from None
     module, _, attr = target.partition(":")
     factory: BackendFactory = getattr(importlib.import_module(module), attr)
     return factory

@@ -59,7 +59,9 @@ class Backend(Protocol):
 
     spec: ModelSpec
 
-    def complete(self, params: CompletionParams, on_token: TokenCallback | None = None) -> Completion:
+    def complete(
+        self, params: CompletionParams, on_token: TokenCallback | None = None
+    ) -> Completion:
         """Generate up to ``params.max_tokens`` tokens; stream pieces to ``on_token`` if given."""
         ...
 
