@@ -10,9 +10,21 @@ import os
 
 from . import _scoring_py
 
-__all__ = ["IMPLEMENTATION", "NO_CANDIDATE", "ScoreTable", "contention", "peak_ewma", "score"]
+__all__ = (
+    "IMPLEMENTATION",
+    "MAX_COST",
+    "MAX_COUNT",
+    "NO_CANDIDATE",
+    "ScoreTable",
+    "contention",
+    "peak_ewma",
+    "score",
+)
 
+# Identical in both implementations.
 NO_CANDIDATE = _scoring_py.NO_CANDIDATE
+MAX_COUNT = _scoring_py.MAX_COUNT
+MAX_COST = _scoring_py.MAX_COST
 
 if os.environ.get("ZETA_NO_EXTENSIONS", "") not in ("", "0"):
     from ._scoring_py import ScoreTable, contention, peak_ewma, score

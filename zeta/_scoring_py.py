@@ -11,57 +11,112 @@ Cost of sending one message to candidate ``i``::
 
 A candidate that cannot serve the kind, or is unavailable (dead, down, mailbox full), costs
 ``inf`` and is never chosen; when no candidate is finite the result is ``NO_CANDIDATE`` (-1).
+The cost of a capable, available candidate saturates at ``MAX_COST`` (the largest float), so
+huge estimates can never make a servable candidate look unservable.
 The cheapest candidate wins. Ties are broken by a rotation: the scan starts at
-``rotation % n`` and only a strictly lower cost replaces the current best, so equal candidates
-are chosen in turn. A :class:`ScoreTable` starts its rotation at ``seed`` and advances it by one
-on every decision, so a seeded run is reproducible.
+``rotation % n`` and only a strictly lower cost replaces the current best. A :class:`ScoreTable`
+starts its rotation at ``seed`` and moves it to just past each decision's winner (or by one when
+there is none), so equal candidates are chosen in turn, round-robin, even with incapable ones
+between them; a seeded run is reproducible.
 
 Service-time estimates follow a peak-sensitive EWMA (Finagle/Linkerd "peak EWMA"): a sample
 above the current estimate replaces it at once; a lower one is blended in with weight
 ``1 - exp(-dt / tau)``, so the estimate decays toward the new level with time constant ``tau``.
+
+Inputs are validated: numbers must be real numbers (``str``/``bytes`` are rejected), finite and
+``>= 0``; counts and indices must be integers (anything with ``__index__`` except ``bool``).
+Anything else raises :class:`~zeta.KernelInputError` before any state changes.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import sys
 from collections.abc import MutableSequence, Sequence
 
 from ._exceptions import KernelInputError
 
 NO_CANDIDATE = -1
+#: Utilisation is clamped here before the contention formula, which diverges at 1.
 UTIL_CAP = 0.95
+#: Largest queue or in-flight count a table accepts (a larger one is a bookkeeping bug).
+MAX_COUNT = 2**31 - 1
+#: Cost of a servable candidate whose estimate overflows; still below ``inf`` (unservable).
+MAX_COST = sys.float_info.max
 INF = math.inf
 
-__all__ = ["NO_CANDIDATE", "ScoreTable", "contention", "peak_ewma", "score"]
+__all__ = [
+    "MAX_COST",
+    "MAX_COUNT",
+    "NO_CANDIDATE",
+    "ScoreTable",
+    "contention",
+    "peak_ewma",
+    "score",
+]
+
+_NOT_NUMBERS = (str, bytes, bytearray)
+
+
+def _check_real(name: str, value: float) -> float:
+    """Return ``value`` as a float of any sign, or raise for NaN, infinite or non-numbers."""
+    if isinstance(value, _NOT_NUMBERS):
+        raise KernelInputError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise KernelInputError(f"{name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise KernelInputError(f"{name} must be finite, got {value!r}")
+    return v
 
 
 def _check(name: str, value: float, upper: float | None = None) -> float:
     """Return ``value`` as a float, or raise for NaN, negative, infinite or out-of-range input."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise KernelInputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0.0:
-        raise KernelInputError(f"{name} must be finite and >= 0, got {value!r}")
+    v = _check_real(name, value)
+    if v < 0.0:
+        raise KernelInputError(f"{name} must be >= 0, got {value!r}")
     if upper is not None and v > upper:
         raise KernelInputError(f"{name} must be <= {upper}, got {value!r}")
     return v
 
 
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise KernelInputError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+def _check_int(name: str, value: int) -> int:
+    """Return ``value`` as an int (any sign); ``bool`` and non-integers raise."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise KernelInputError(f"{name} must be an integer, got {value!r}")
 
 
-def contention(util: float, weight: float = 1.0) -> float:
-    """Slowdown factor for a device at utilisation ``util`` (0..1); 1 when idle."""
-    u = util if util < UTIL_CAP else UTIL_CAP
+def _check_count(name: str, value: int, upper: int | None = MAX_COUNT) -> int:
+    """Return ``value`` as an int in ``0..upper`` (unbounded above if ``upper`` is None)."""
+    v = _check_int(name, value)
+    if v < 0 or (upper is not None and v > upper):
+        bound = "" if upper is None else f" and <= {upper}"
+        raise KernelInputError(f"{name} must be >= 0{bound}, got {value!r}")
+    return v
+
+
+def _contention(u: float, weight: float) -> float:
+    if u > UTIL_CAP:
+        u = UTIL_CAP
     return 1.0 + weight * u / (1.0 - u)
 
 
-def peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
-    """One peak-EWMA step: jump up to a new peak at once, decay toward lower samples."""
+def contention(util: float, weight: float = 1.0) -> float:
+    """Slowdown factor for a device at utilisation ``util`` (0..1); 1 when idle.
+
+    Raises:
+        KernelInputError: ``util`` outside 0..1, or ``weight`` negative, NaN or infinite.
+    """
+    return _contention(_check("util", util, 1.0), _check("weight", weight))
+
+
+def _peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
     if sample >= old:
         return sample
     if dt <= 0.0:
@@ -70,10 +125,30 @@ def peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
     return old * w + sample * (1.0 - w)
 
 
-def _cost(
-    q: int, f: int, req: float, tok: float, util: float, pen: float, est: float, weight: float
-) -> float:
-    return (q + f + 1) * (req + est * tok) * contention(util, weight) + pen
+def peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
+    """One peak-EWMA step: jump up to a new peak at once, decay toward lower samples.
+
+    ``dt`` is the time since the previous sample; ``dt <= 0`` (an out-of-order sample) leaves
+    a higher estimate unchanged.
+
+    Raises:
+        KernelInputError: ``old`` or ``sample`` negative or not finite, ``dt`` not finite, or
+            ``tau`` not finite and > 0.
+    """
+    o = _check("old", old)
+    s = _check("sample", sample)
+    d = _check_real("dt", dt)
+    t = _check("tau", tau)
+    if t <= 0.0:
+        raise KernelInputError(f"tau must be > 0, got {tau!r}")
+    return _peak_ewma(o, s, d, t)
+
+
+def _cost(q: int, f: int, req: float, tok: float, cont: float, pen: float, est: float) -> float:
+    """Cost of a capable, available candidate; ``cont`` is its precomputed contention."""
+    c = (q + f + 1) * (req + est * tok) * cont + pen
+    # Also catches NaN (0 * inf when a huge weight makes contention overflow).
+    return c if c <= MAX_COST else MAX_COST
 
 
 def score(
@@ -93,11 +168,13 @@ def score(
 ) -> int:
     """Score one message against ``n`` candidates given as parallel arrays; return the index.
 
-    ``capable`` and ``penalty`` are for the message's kind. Returns :data:`NO_CANDIDATE` when
-    no candidate is capable and available. If ``costs`` is given, it receives every cost.
+    ``capable`` and ``penalty`` are for the message's kind; ``capable`` and ``available`` are
+    read as truth values. Returns :data:`NO_CANDIDATE` when no candidate is capable and
+    available. If ``costs`` is given, it receives every cost. Every input is validated (in
+    index order) before anything is written to ``costs``.
 
     Raises:
-        KernelInputError: mismatched lengths, or NaN, negative or infinite values.
+        KernelInputError: mismatched lengths, no candidates, or NaN, negative or infinite values.
     """
     n = len(queue)
     arrays = {
@@ -113,19 +190,27 @@ def score(
         raise KernelInputError("no candidates")
     est = _check("est_tokens", est_tokens)
     w = _check("weight", weight)
-    _check_count("rotation", rotation)
+    start = _check_count("rotation", rotation, None) % n
+    rows = []
+    for i in range(n):
+        rows.append(
+            (
+                _check_count(f"queue[{i}]", queue[i]),
+                _check_count(f"in_flight[{i}]", in_flight[i]),
+                _check(f"ewma_req[{i}]", ewma_req[i]),
+                _check(f"ewma_tok[{i}]", ewma_tok[i]),
+                _contention(_check(f"util[{i}]", util[i], 1.0), w),
+                _check(f"penalty[{i}]", penalty[i]),
+                bool(capable[i]) and bool(available[i]),
+            )
+        )
     best, best_cost = NO_CANDIDATE, INF
-    start = rotation % n
     for j in range(n):
-        i = (start + j) % n
-        q = _check_count(f"queue[{i}]", queue[i])
-        f = _check_count(f"in_flight[{i}]", in_flight[i])
-        c = _cost(
-            q, f, _check(f"ewma_req[{i}]", ewma_req[i]), _check(f"ewma_tok[{i}]", ewma_tok[i]),
-            _check(f"util[{i}]", util[i], 1.0), _check(f"penalty[{i}]", penalty[i]), est, w,
-        )  # fmt: skip
-        if not capable[i] or not available[i]:
-            c = INF
+        i = start + j
+        if i >= n:
+            i -= n
+        q, f, req, tok, cont, pen, ok = rows[i]
+        c = _cost(q, f, req, tok, cont, pen, est) if ok else INF
         if costs is not None:
             costs[i] = c
         if c < best_cost:
@@ -138,8 +223,10 @@ class ScoreTable:
 
     The router owns one table. Actors update load, availability and service-time estimates in
     place; :meth:`choose` scores all candidates for one message without allocating.
-    Capability and penalty are per (candidate, kind) pair, kinds numbered ``0..n_kinds-1``.
-    All setters validate their input and raise :class:`KernelInputError`.
+    Capability and penalty are per (candidate, kind) pair, kinds numbered ``0..n_kinds-1``;
+    a new table has every candidate available, idle, with zero estimates and no capabilities.
+    All setters validate their input and raise :class:`KernelInputError` before changing state.
+    A table is not thread-safe: one owner (the router) mutates it.
     """
 
     def __init__(
@@ -151,127 +238,168 @@ class ScoreTable:
             raise KernelInputError(f"n_kinds must be an integer >= 1, got {n_kinds!r}")
         self._n = n
         self._k = n_kinds
-        self._rot = _check_count("seed", seed) % n
-        self._tau = 1.0
-        self._weight = 1.0
-        self.set_params(tau=tau, weight=weight)
+        self._rot = _check_count("seed", seed, None) % n
         self._queue = [0] * n
         self._in_flight = [0] * n
         self._req = [0.0] * n
         self._tok = [0.0] * n
         self._stamp = [0.0] * n
         self._util = [0.0] * n
+        self._cont = [1.0] * n  # contention(util[i], weight), kept current by the setters
         self._available = [True] * n
         self._capable = [False] * (n * n_kinds)
         self._penalty = [0.0] * (n * n_kinds)
+        self._tau = 1.0
+        self._weight = 1.0
+        self.set_params(tau=tau, weight=weight)
 
     # -- shape and parameters -------------------------------------------------------------
     @property
     def n(self) -> int:
+        """Number of candidates."""
         return self._n
 
     @property
     def n_kinds(self) -> int:
+        """Number of message kinds (columns of the capability table)."""
         return self._k
 
     @property
     def tau(self) -> float:
+        """Time constant (seconds) of the peak EWMA's decay."""
         return self._tau
 
     @property
     def weight(self) -> float:
+        """Weight of the utilisation-contention term."""
         return self._weight
 
     def set_params(self, *, tau: float | None = None, weight: float | None = None) -> None:
         """Set the EWMA time constant (seconds, > 0) and the contention weight (>= 0)."""
-        if tau is not None:
-            t = _check("tau", tau)
-            if t <= 0.0:
-                raise KernelInputError(f"tau must be > 0, got {tau!r}")
-            self._tau = t
-        if weight is not None:
-            self._weight = _check("weight", weight)
+        t = self._tau if tau is None else _check("tau", tau)
+        if t <= 0.0:
+            raise KernelInputError(f"tau must be > 0, got {tau!r}")
+        w = self._weight if weight is None else _check("weight", weight)
+        self._tau = t
+        self._weight = w
+        self._cont = [_contention(u, w) for u in self._util]
 
     def _idx(self, i: int) -> int:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self._n:
-            raise KernelInputError(f"candidate index {i!r} out of range 0..{self._n - 1}")
-        return i
+        if not isinstance(i, bool):
+            try:
+                v = operator.index(i)
+            except TypeError:
+                pass
+            else:
+                if 0 <= v < self._n:
+                    return v
+        raise KernelInputError(f"candidate index {i!r} out of range 0..{self._n - 1}")
 
     def _kind(self, kind: int) -> int:
-        if isinstance(kind, bool) or not isinstance(kind, int) or not 0 <= kind < self._k:
-            raise KernelInputError(f"kind {kind!r} out of range 0..{self._k - 1}")
-        return kind
+        if not isinstance(kind, bool):
+            try:
+                v = operator.index(kind)
+            except TypeError:
+                pass
+            else:
+                if 0 <= v < self._k:
+                    return v
+        raise KernelInputError(f"kind {kind!r} out of range 0..{self._k - 1}")
 
     # -- setters --------------------------------------------------------------------------
     def set_capability(self, i: int, kind: int, capable: bool, penalty: float = 0.0) -> None:
+        """Say whether candidate ``i`` can serve ``kind``, at what extra cost (seconds)."""
         j = self._idx(i) * self._k + self._kind(kind)
         self._penalty[j] = _check("penalty", penalty)
         self._capable[j] = bool(capable)
 
     def set_available(self, i: int, available: bool) -> None:
+        """Mark candidate ``i`` as able to take work (alive, up, mailbox not full) or not."""
         self._available[self._idx(i)] = bool(available)
 
     def set_load(self, i: int, queue: int, in_flight: int) -> None:
+        """Set candidate ``i``'s queued and in-flight message counts (``0..MAX_COUNT``)."""
         i = self._idx(i)
-        self._queue[i] = _check_count("queue", queue)
-        self._in_flight[i] = _check_count("in_flight", in_flight)
+        q = _check_count("queue", queue)
+        f = _check_count("in_flight", in_flight)
+        self._queue[i] = q
+        self._in_flight[i] = f
 
     def add_load(self, i: int, queue: int, in_flight: int) -> None:
-        """Add (possibly negative) deltas to the load; the result must stay >= 0."""
+        """Add (possibly negative) deltas to the load; the result must stay in ``0..MAX_COUNT``."""
         i = self._idx(i)
-        self.set_load(i, self._queue[i] + queue, self._in_flight[i] + in_flight)
+        dq = _check_int("queue", queue)
+        df = _check_int("in_flight", in_flight)
+        self.set_load(i, self._queue[i] + dq, self._in_flight[i] + df)
 
     def set_util(self, i: int, util: float) -> None:
-        self._util[self._idx(i)] = _check("util", util, 1.0)
+        """Set candidate ``i``'s device utilisation (0..1)."""
+        i = self._idx(i)
+        u = _check("util", util, 1.0)
+        self._util[i] = u
+        self._cont[i] = _contention(u, self._weight)
 
     def set_ewma(self, i: int, per_request: float, per_token: float, now: float) -> None:
         """Overwrite the service-time estimates (a prior, or a calibration result)."""
         i = self._idx(i)
-        self._req[i] = _check("per_request", per_request)
-        self._tok[i] = _check("per_token", per_token)
-        self._stamp[i] = _check("now", now)
+        req = _check("per_request", per_request)
+        tok = _check("per_token", per_token)
+        t = _check("now", now)
+        self._req[i] = req
+        self._tok[i] = tok
+        self._stamp[i] = t
 
     def observe(self, i: int, per_request: float, per_token: float, now: float) -> None:
-        """Fold one observed service into candidate ``i``'s estimates (peak EWMA)."""
+        """Fold one observed service into candidate ``i``'s estimates (peak EWMA).
+
+        ``now`` is the observation time; an observation older than the last one (``dt <= 0``)
+        can raise an estimate but never lowers it.
+        """
         i = self._idx(i)
         req = _check("per_request", per_request)
         tok = _check("per_token", per_token)
         t = _check("now", now)
         dt = t - self._stamp[i]
-        self._req[i] = peak_ewma(self._req[i], req, dt, self._tau)
-        self._tok[i] = peak_ewma(self._tok[i], tok, dt, self._tau)
+        self._req[i] = _peak_ewma(self._req[i], req, dt, self._tau)
+        self._tok[i] = _peak_ewma(self._tok[i], tok, dt, self._tau)
         if t > self._stamp[i]:
             self._stamp[i] = t
 
     # -- getters --------------------------------------------------------------------------
     def load(self, i: int) -> tuple[int, int]:
+        """Candidate ``i``'s ``(queue, in_flight)``."""
         i = self._idx(i)
         return self._queue[i], self._in_flight[i]
 
     def ewma(self, i: int) -> tuple[float, float]:
+        """Candidate ``i``'s ``(per_request, per_token)`` service-time estimates (seconds)."""
         i = self._idx(i)
         return self._req[i], self._tok[i]
 
     def util(self, i: int) -> float:
+        """Candidate ``i``'s device utilisation."""
         return self._util[self._idx(i)]
 
     def available(self, i: int) -> bool:
+        """Whether candidate ``i`` can take work."""
         return self._available[self._idx(i)]
 
     def capability(self, i: int, kind: int) -> tuple[bool, float]:
+        """``(capable, penalty)`` of candidate ``i`` for ``kind``."""
         j = self._idx(i) * self._k + self._kind(kind)
         return self._capable[j], self._penalty[j]
 
     # -- decisions ------------------------------------------------------------------------
     def cost(self, i: int, kind: int, est_tokens: float) -> float:
+        """Cost of sending one message of ``kind`` to candidate ``i`` (``inf`` if it cannot)."""
         i = self._idx(i)
         j = i * self._k + self._kind(kind)
         est = _check("est_tokens", est_tokens)
         if not self._capable[j] or not self._available[i]:
             return INF
         return _cost(
-            self._queue[i], self._in_flight[i], self._req[i], self._tok[i], self._util[i],
-            self._penalty[j], est, self._weight,
+            self._queue[i], self._in_flight[i], self._req[i], self._tok[i], self._cont[i],
+            self._penalty[j], est,
         )  # fmt: skip
 
     def choose(
@@ -279,8 +407,8 @@ class ScoreTable:
     ) -> int:
         """Return the cheapest candidate for one message, or ``NO_CANDIDATE``.
 
-        Advances the tie-breaking rotation by one. If ``costs`` (length ``n``) is given, it
-        receives every candidate's cost.
+        Moves the tie-breaking rotation to just past the winner (by one when there is none).
+        If ``costs`` (length ``n``) is given, it receives every candidate's cost.
         """
         k = self._kind(kind)
         est = _check("est_tokens", est_tokens)
@@ -288,22 +416,27 @@ class ScoreTable:
         if costs is not None and len(costs) != n:
             raise KernelInputError(f"costs has length {len(costs)}, expected {n}")
         start = self._rot
-        self._rot = (start + 1) % n
+        scanned = [INF] * n
         best, best_cost = NO_CANDIDATE, INF
         for j in range(n):
             i = start + j
             if i >= n:
                 i -= n
             c = INF
-            if self._capable[i * self._k + k] and self._available[i]:
+            p = i * self._k + k
+            if self._capable[p] and self._available[i]:
                 c = _cost(
                     self._queue[i], self._in_flight[i], self._req[i], self._tok[i],
-                    self._util[i], self._penalty[i * self._k + k], est, self._weight,
+                    self._cont[i], self._penalty[p], est,
                 )  # fmt: skip
-            if costs is not None:
-                costs[i] = c
+            scanned[i] = c
             if c < best_cost:
                 best, best_cost = i, c
+        after = (start if best == NO_CANDIDATE else best) + 1
+        self._rot = after if after < n else 0
+        if costs is not None:
+            for i in range(n):
+                costs[i] = scanned[i]
         return best
 
     def choose_batch(
@@ -315,9 +448,14 @@ class ScoreTable:
     ) -> int:
         """Decide for many messages in order; write each choice into ``out``.
 
-        With ``reserve``, each choice adds one to its candidate's queue before the next message
-        is scored (what the router does when it enqueues). Returns how many messages found no
+        Equivalent to ``out[x] = choose(kinds[x], est_tokens[x])`` for each ``x``, where, with
+        ``reserve``, each choice adds one to its candidate's queue before the next message is
+        scored (what the router does when it enqueues). Returns how many messages found no
         candidate. All inputs are validated before any state changes.
+
+        The compiled kernel is fastest with buffers: ``kinds`` and ``out`` int32
+        (``array.array('i')``, ``numpy.int32``), ``est_tokens`` float64 (``array.array('d')``,
+        ``numpy.float64``); any other sequences are accepted too.
         """
         m = len(kinds)
         if len(est_tokens) != m or len(out) != m:
@@ -325,12 +463,14 @@ class ScoreTable:
                 f"kinds, est_tokens and out must have equal lengths, got "
                 f"{m}, {len(est_tokens)}, {len(out)}"
             )
+        ks = [0] * m
+        es = [0.0] * m
         for x in range(m):
-            self._kind(kinds[x])
-            _check(f"est_tokens[{x}]", est_tokens[x])
+            ks[x] = self._kind(kinds[x])
+            es[x] = _check(f"est_tokens[{x}]", est_tokens[x])
         misses = 0
         for x in range(m):
-            c = self.choose(kinds[x], est_tokens[x])
+            c = self.choose(ks[x], es[x])
             out[x] = c
             if c == NO_CANDIDATE:
                 misses += 1
