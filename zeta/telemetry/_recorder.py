@@ -111,12 +111,12 @@ class Recorder:
     """Counts requests, latencies, spills, restarts, rejections and calibration runs.
 
     Args:
-        log_requests: emit one ``request_finished`` summary line per request on the
-            ``zeta.requests`` logger (at info level; warning for failures). The check is one cached
-            ``isEnabledFor`` call when logging is off.
+        log_requests: also emit the per-request ``request_finished`` summary line, on the
+            ``zeta.requests`` logger (info level; warning for failures), for runtimes that do not
+            log their own. The check is one cached ``isEnabledFor`` call when logging is off.
     """
 
-    def __init__(self, *, log_requests: bool = True) -> None:
+    def __init__(self, *, log_requests: bool = False) -> None:
         self._log_requests = log_requests
         self._lock = threading.Lock()
         self._requests: Counter[tuple[str, str, str]] = Counter()

@@ -1,0 +1,269 @@
+"""Prometheus metrics: a custom collector that reads zeta's snapshots at scrape time.
+
+The request path never touches prometheus_client: the runtime writes plain counters into the
+:class:`~zeta.telemetry.Recorder`, and :class:`ZetaCollector` turns the recorder's snapshot, the
+scheduler's snapshot, the last GPU readings and psutil's process reading into metric families
+when Prometheus scrapes. Names follow ``zeta_<subsystem>_<name>_<unit>`` in base units; label
+values come only from config (model names, device indices) and enums (kind, outcome, state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol, runtime_checkable
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .._snapshot import ActorState, SchedulerSnapshot
+from .._types import Kind
+from ._logging import get_logger
+from ._nvml import DeviceReading
+from ._recorder import Histogram, Recorder, RecorderSnapshot
+from ._samplers import ProcessSampler
+
+__all__ = ["DeviceReadingSource", "MetricsSource", "ZetaCollector", "METRIC_NAMES"]
+
+log = get_logger(__name__)
+
+
+class MetricsSource(Protocol):
+    """What the collector needs from a scheduler: its recorder and a snapshot of its actors.
+
+    ``snapshot()`` is called from the metrics server's thread, so it must be safe to call from
+    outside the event loop (copy the actor list before iterating; build frozen snapshots).
+    """
+
+    @property
+    def recorder(self) -> Recorder: ...
+
+    def snapshot(self) -> SchedulerSnapshot: ...
+
+
+@runtime_checkable
+class DeviceReadingSource(Protocol):
+    """Keeps the last GPU readings, as :class:`~zeta.telemetry.DeviceSampler` does."""
+
+    def device_readings(self) -> Mapping[int, DeviceReading]: ...
+
+
+# name -> (type, help, label names). Histogram and counter names are given without their sample
+# suffixes; the exposition adds ``_bucket``/``_sum``/``_count`` and ``_total``.
+_FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "zeta_scheduler_requests": (
+        "counter", "Finished requests by serving model, kind and outcome.",
+        ("model", "kind", "outcome"),
+    ),
+    "zeta_scheduler_queue_wait_seconds": (
+        "histogram", "Time from admission to the start of service.", ("model", "kind"),
+    ),
+    "zeta_scheduler_service_seconds": (
+        "histogram", "Time inside the backend call.", ("model", "kind"),
+    ),
+    "zeta_scheduler_request_duration_seconds": (
+        "histogram", "End-to-end request latency, admission wait included.", ("model", "kind"),
+    ),
+    "zeta_scheduler_spills": (
+        "counter", "Requests sent to another model than the one preferred for their kind.",
+        ("from_model", "to_model"),
+    ),
+    "zeta_scheduler_overload_rejections": (
+        "counter", "Admissions refused with Overloaded, by request kind.", ("kind",),
+    ),
+    "zeta_supervisor_restarts": ("counter", "Actor restarts by the supervisor.", ("model",)),
+    "zeta_calibration_runs": ("counter", "Finished calibration runs.", ()),
+    "zeta_calibration_parameter_value": (
+        "gauge", "Current value of each calibrated scoring parameter.", ("parameter",),
+    ),
+    "zeta_actor_queued_requests": (
+        "gauge", "Requests waiting in the actor's mailbox.", ("model", "replica"),
+    ),
+    "zeta_actor_in_flight_requests": (
+        "gauge", "Requests the actor is serving now.", ("model", "replica"),
+    ),
+    "zeta_actor_ewma_request_seconds": (
+        "gauge", "Peak-EWMA estimate of the per-request service time.", ("model", "replica"),
+    ),
+    "zeta_actor_ewma_token_seconds": (
+        "gauge", "Peak-EWMA estimate of the per-token service time.", ("model", "replica"),
+    ),
+    "zeta_actor_utilisation_ratio": (
+        "gauge", "Utilisation the router sees: the device's for GPU models, busy fraction on CPU.",
+        ("model", "replica"),
+    ),
+    "zeta_actor_busy_seconds": (
+        "counter", "Time the actor spent inside inference calls.", ("model", "replica"),
+    ),
+    "zeta_actor_state": (
+        "gauge", "1 for the actor's current lifecycle state, 0 for the others.",
+        ("model", "replica", "state"),
+    ),
+    "zeta_actor_info": (
+        "gauge", "Placement of each actor: device is a GPU index or 'cpu'.",
+        ("model", "replica", "device"),
+    ),
+    "zeta_gpu_utilisation_ratio": (
+        "gauge", "Fraction of NVML's sample period in which the GPU ran a kernel.", ("device",),
+    ),
+    "zeta_gpu_memory_used_bytes": ("gauge", "GPU memory in use (all processes).", ("device",)),
+    "zeta_gpu_memory_total_bytes": ("gauge", "GPU memory installed.", ("device",)),
+    "zeta_process_cpu_seconds": ("counter", "CPU time of the zeta process (user + system).", ()),
+    "zeta_process_resident_memory_bytes": ("gauge", "Resident memory of the zeta process.", ()),
+    "zeta_process_threads": ("gauge", "Threads in the zeta process.", ()),
+}  # fmt: skip
+
+#: Every metric family name zeta exposes (counters without their ``_total`` suffix).
+METRIC_NAMES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def _unit(name: str) -> str:
+    for unit in ("seconds", "bytes", "ratio"):
+        if name.endswith(f"_{unit}"):
+            return unit
+    return ""
+
+
+class _Families:
+    """Builds the metric families of one scrape."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+        for name, (kind, doc, labels) in _FAMILIES.items():
+            family: Metric
+            if kind == "counter":
+                family = CounterMetricFamily(name, doc, labels=labels)
+            elif kind == "gauge":
+                family = GaugeMetricFamily(name, doc, labels=labels, unit=_unit(name))
+            else:
+                family = HistogramMetricFamily(name, doc, labels=labels, unit=_unit(name))
+            self.families[name] = family
+
+    def add(self, name: str, labels: Iterable[str], value: float) -> None:
+        family = self.families[name]
+        assert isinstance(family, CounterMetricFamily | GaugeMetricFamily)
+        family.add_metric(list(labels), value)
+
+    def histogram(self, name: str, labels: Iterable[str], h: Histogram) -> None:
+        family = self.families[name]
+        assert isinstance(family, HistogramMetricFamily)
+        buckets = [(floatToGoString(bound), float(n)) for bound, n in h.cumulative()]
+        family.add_metric(list(labels), buckets, h.sum)
+
+
+class ZetaCollector(Collector):
+    """Reads a scheduler's recorder and snapshot (and GPU and process readings) at scrape time.
+
+    Register it with a ``CollectorRegistry`` (or use :func:`~zeta.telemetry.serve_metrics`).
+
+    Args:
+        source: the scheduler, or anything with ``recorder`` and ``snapshot()``.
+        devices: where the last GPU readings come from; ``None`` uses ``source.sampler`` if that
+            keeps readings (the default :class:`~zeta.telemetry.DeviceSampler` does).
+        process: the process reader; ``None`` reads this process through psutil, ``False``
+            leaves the ``zeta_process_*`` families out.
+    """
+
+    def __init__(
+        self,
+        source: MetricsSource,
+        *,
+        devices: DeviceReadingSource | None = None,
+        process: ProcessSampler | bool | None = None,
+    ) -> None:
+        self._source = source
+        if devices is None:
+            sampler = getattr(source, "sampler", None)
+            devices = sampler if isinstance(sampler, DeviceReadingSource) else None
+        self._devices = devices
+        self._process: ProcessSampler | None
+        if process is None or process is True:
+            self._process = ProcessSampler()
+        elif process is False:
+            self._process = None
+        else:
+            self._process = process
+
+    def describe(self) -> Iterable[Metric]:
+        """Every family, without samples: lets a registry reject duplicate names up front."""
+        return list(_Families().families.values())
+
+    def collect(self) -> Iterable[Metric]:
+        """One scrape's metric families. A failing part is logged and left out, never raised."""
+        f = _Families()
+        recorded = self._source.recorder.snapshot()
+        snapshot: SchedulerSnapshot | None
+        try:
+            snapshot = self._source.snapshot()
+        except Exception as exc:
+            snapshot = None
+            log.warning("metrics_snapshot_failed", error=f"{type(exc).__name__}: {exc}")
+        models = sorted({a.name for a in snapshot.models}) if snapshot is not None else []
+        self._recorder(f, recorded, models)
+        if snapshot is not None:
+            self._actors(f, snapshot)
+        if self._devices is not None:
+            self._gpus(f, self._devices.device_readings())
+        if self._process is not None:
+            try:
+                p = self._process.read()
+            except Exception as exc:
+                log.warning("metrics_process_read_failed", error=f"{type(exc).__name__}: {exc}")
+            else:
+                f.add("zeta_process_cpu_seconds", (), p.cpu_seconds)
+                f.add("zeta_process_resident_memory_bytes", (), p.resident_memory_bytes)
+                f.add("zeta_process_threads", (), p.threads)
+        return [family for family in f.families.values() if family.samples]
+
+    @staticmethod
+    def _recorder(f: _Families, r: RecorderSnapshot, models: Iterable[str]) -> None:
+        for (model, kind, outcome), n in sorted(r.requests.items()):
+            f.add("zeta_scheduler_requests", (model, kind, outcome), n)
+        for name, hists in (
+            ("zeta_scheduler_queue_wait_seconds", r.queue_wait),
+            ("zeta_scheduler_service_seconds", r.service),
+            ("zeta_scheduler_request_duration_seconds", r.latency),
+        ):
+            for (model, kind), h in sorted(hists.items()):
+                f.histogram(name, (model, kind), h)
+        for (src, dst), n in sorted(r.spills.items()):
+            f.add("zeta_scheduler_spills", (src, dst), n)
+        # Series that alerts watch start at 0 for every known model and kind, so increase() and
+        # absent-data checks see a value from the first scrape.
+        rejections = {k.value: 0 for k in Kind} | dict(r.rejections)
+        for kind, n in sorted(rejections.items()):
+            f.add("zeta_scheduler_overload_rejections", (kind,), n)
+        restarts = dict.fromkeys(models, 0) | dict(r.restarts)
+        for model, n in sorted(restarts.items()):
+            f.add("zeta_supervisor_restarts", (model,), n)
+        f.add("zeta_calibration_runs", (), r.calibration_runs)
+        for param, value in sorted(r.calibration_params.items()):
+            f.add("zeta_calibration_parameter_value", (param,), value)
+
+    @staticmethod
+    def _actors(f: _Families, snapshot: SchedulerSnapshot) -> None:
+        for a in snapshot.models:
+            labels = (a.name, str(a.replica))
+            f.add("zeta_actor_queued_requests", labels, a.queue_len)
+            f.add("zeta_actor_in_flight_requests", labels, a.in_flight)
+            f.add("zeta_actor_ewma_request_seconds", labels, a.ewma_request_s)
+            f.add("zeta_actor_ewma_token_seconds", labels, a.ewma_token_s)
+            f.add("zeta_actor_utilisation_ratio", labels, a.utilisation)
+            f.add("zeta_actor_busy_seconds", labels, a.busy_s)
+            for state in ActorState:
+                f.add("zeta_actor_state", (*labels, state.value), float(state == a.state))
+            device = "cpu" if a.device is None else str(a.device)
+            f.add("zeta_actor_info", (*labels, device), 1.0)
+
+    @staticmethod
+    def _gpus(f: _Families, readings: Mapping[int, DeviceReading]) -> None:
+        for index, d in sorted(readings.items()):
+            labels = (str(index),)
+            f.add("zeta_gpu_utilisation_ratio", labels, d.utilisation)
+            f.add("zeta_gpu_memory_used_bytes", labels, d.memory_used_bytes)
+            f.add("zeta_gpu_memory_total_bytes", labels, d.memory_total_bytes)
