@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from ._calibration import CalibrationView as CalibrationView
+from ._calibration import Calibrator as Calibrator
+from ._classifier import Classification as Classification
+from ._classifier import Classifier as Classifier
+from ._classifier import HeuristicClassifier as HeuristicClassifier
 from ._exceptions import ActorDead as ActorDead
 from ._exceptions import BackendError as BackendError
 from ._exceptions import ConfigError as ConfigError
@@ -16,10 +21,30 @@ from ._exceptions import Overloaded as Overloaded
 from ._exceptions import SchedulerClosed as SchedulerClosed
 from ._exceptions import TryAgainError as TryAgainError
 from ._exceptions import ZetaError as ZetaError
+from ._policies import Candidate as Candidate
+from ._policies import DynamicPolicy as DynamicPolicy
+from ._policies import JoinShortestQueuePolicy as JoinShortestQueuePolicy
+from ._policies import PeakEwmaPolicy as PeakEwmaPolicy
+from ._policies import Policy as Policy
+from ._policies import PowerOfTwoChoicesPolicy as PowerOfTwoChoicesPolicy
+from ._policies import RoundRobinPolicy as RoundRobinPolicy
+from ._policies import RouteRequest as RouteRequest
+from ._policies import StaticPolicy as StaticPolicy
+from ._policies import ThresholdPolicy as ThresholdPolicy
+from ._request import CompletionResult as CompletionResult
+from ._request import EmbeddingResult as EmbeddingResult
+from ._scheduler import Scheduler as Scheduler
+from ._scheduler import TokenStream as TokenStream
 from ._scoring import IMPLEMENTATION as _KERNEL
+from ._snapshot import ActorState as ActorState
+from ._snapshot import ModelSnapshot as ModelSnapshot
+from ._snapshot import SchedulerSnapshot as SchedulerSnapshot
+from ._supervisor import Supervision as Supervision
 from ._types import Kind as Kind
 from ._types import ModelSpec as ModelSpec
 from ._types import Priority as Priority
+from .telemetry._recorder import Outcome as Outcome
+from .telemetry._recorder import Recorder as Recorder
 
 __version__ = "0.1.0"
 
@@ -31,20 +56,45 @@ def kernel_implementation() -> str:
 
 __all__ = (
     "ActorDead",
+    "ActorState",
     "BackendError",
+    "CalibrationView",
+    "Calibrator",
+    "Candidate",
+    "Classification",
+    "Classifier",
+    "CompletionResult",
     "ConfigError",
     "DeadlineExceeded",
+    "DynamicPolicy",
+    "EmbeddingResult",
+    "HeuristicClassifier",
     "InvalidInputError",
     "InvalidRequestError",
+    "JoinShortestQueuePolicy",
     "Kind",
     "KernelInputError",
     "ModelLoadError",
+    "ModelSnapshot",
     "ModelSpec",
     "ModelUnavailable",
     "NoCapableModelError",
+    "Outcome",
     "Overloaded",
+    "PeakEwmaPolicy",
+    "Policy",
+    "PowerOfTwoChoicesPolicy",
     "Priority",
+    "Recorder",
+    "RoundRobinPolicy",
+    "RouteRequest",
+    "Scheduler",
     "SchedulerClosed",
+    "SchedulerSnapshot",
+    "StaticPolicy",
+    "Supervision",
+    "ThresholdPolicy",
+    "TokenStream",
     "TryAgainError",
     "ZetaError",
     "__version__",

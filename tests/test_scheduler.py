@@ -1,0 +1,558 @@
+"""The public Scheduler API on the simulated backend, on asyncio and trio.
+
+Tests hold a context busy with a gate (a ``threading.Event`` the simulated backend waits on) and
+watch queue state through ``snapshot()``, so they assert behaviour without relying on timings.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from zeta import (
+    ActorState,
+    Classification,
+    CompletionResult,
+    DeadlineExceeded,
+    InvalidRequestError,
+    Kind,
+    ModelLoadError,
+    ModelSpec,
+    NoCapableModelError,
+    Outcome,
+    Overloaded,
+    Priority,
+    RouteRequest,
+    Scheduler,
+    SchedulerClosed,
+    Supervision,
+)
+from zeta.backends._base import Completion, CompletionParams, TokenCallback
+from zeta.backends.simulated import FailurePlan, SimulatedBackend, open_backend
+
+pytestmark = pytest.mark.anyio
+
+ALL = ("simple", "code", "reason")
+
+
+def sim(
+    name: str,
+    kinds: Sequence[str] = ALL,
+    preferred: Sequence[str] = (),
+    replicas: int = 1,
+    **options: Any,
+) -> ModelSpec:
+    return ModelSpec(
+        name, kinds=set(kinds), preferred=set(preferred), replicas=replicas, backend="simulated",
+        options=options,
+    )  # fmt: skip
+
+
+def ladder(**options: Any) -> list[ModelSpec]:
+    return [
+        sim("coder", preferred=("simple", "code"), **options),
+        sim("reasoner", preferred=("reason",), **options),
+        sim("embedder", kinds=("embed",), **options),
+    ]
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll scheduler state (snapshots have no change events) until ``predicate`` holds."""
+    with anyio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+
+
+def queued(zs: Scheduler, model: str) -> int:
+    return sum(m.queue_len for m in zs.snapshot().by_model(model))
+
+
+def busy(zs: Scheduler, model: str) -> int:
+    return sum(m.in_flight for m in zs.snapshot().by_model(model))
+
+
+class Trace:
+    """Collects ``(op, text)`` for every backend call that started, from worker threads."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, op: str, text: str) -> None:
+        with self._lock:
+            self.calls.append((op, text))
+
+    @property
+    def prompts(self) -> list[str]:
+        return [text for _, text in self.calls]
+
+
+@contextmanager
+def gate() -> Iterator[threading.Event]:
+    """A closed gate that is always opened at the end, so no worker thread stays blocked."""
+    g = threading.Event()
+    try:
+        yield g
+    finally:
+        g.set()
+
+
+class Opened:
+    """A backend factory that keeps every simulated context it opens and what each returned."""
+
+    def __init__(self) -> None:
+        self.backends: list[SimulatedBackend] = []
+        self.completions: list[Completion] = []
+
+    def __call__(self, spec: ModelSpec, replica: int) -> SimulatedBackend:
+        backend = open_backend(spec, replica)
+        inner = backend.complete
+        completions = self.completions
+
+        def complete(params: CompletionParams, on_token: TokenCallback | None = None) -> Completion:
+            result = inner(params, on_token)
+            completions.append(result)
+            return result
+
+        backend.complete = complete  # type: ignore[method-assign]
+        self.backends.append(backend)
+        return backend
+
+
+# -- the basic API --------------------------------------------------------------------------------
+@pytest.mark.parametrize("worker", ["thread", "to_thread"])
+async def test_complete_embed_stream(worker: str) -> None:
+    async with Scheduler(ladder(), worker=worker) as zs:  # type: ignore[arg-type]
+        code = await zs.complete("def f(x):\n    return x  # add a docstring", max_tokens=5)
+        assert isinstance(code, CompletionResult)
+        assert (code.model, code.kind, code.completion_tokens) == ("coder", Kind.CODE, 5)
+        assert code.finish_reason == "length" and code.text
+
+        reason = await zs.complete("Explain step by step why primes are infinite; prove it.")
+        assert (reason.model, reason.kind) == ("reasoner", Kind.REASON)
+
+        chat = await zs.complete("hello", kind="simple", max_tokens=2)
+        assert chat.model == "coder" and chat.kind is Kind.SIMPLE
+
+        emb = await zs.embed(["alpha", "beta"])
+        again = await zs.embed("alpha")
+        assert emb.model == "embedder" and len(emb.vectors) == 2
+        assert again.vectors[0] == emb.vectors[0] != emb.vectors[1]
+
+        pieces = []
+        async with zs.stream("tell me something", kind=Kind.SIMPLE, max_tokens=6) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+        assert len(pieces) == 6
+        assert stream.result is not None and "".join(pieces) == stream.result.text
+
+        ids = {code.request_id, reason.request_id, chat.request_id, emb.request_id}
+        assert len(ids) == 4
+    counts = zs.recorder.snapshot().requests
+    assert sum(counts.values()) == 6
+    assert counts[("coder", "code", "ok")] == 1 and counts[("embedder", "embed", "ok")] == 2
+
+
+async def test_snapshot() -> None:
+    async with Scheduler([*ladder(), sim("twin", replicas=1)], mailbox_capacity=3) as zs:
+        await zs.complete("hi", kind="simple")
+        snap = zs.snapshot()
+        assert [m.name for m in snap.models] == ["coder", "reasoner", "embedder", "twin"]
+        coder = snap.by_model("coder")[0]
+        assert coder.state is ActorState.READY
+        assert (coder.queue_len, coder.in_flight, coder.completed, coder.failed) == (0, 0, 1, 0)
+        assert coder.ewma_request_s >= 0.0 and coder.busy_s > 0.0
+    assert all(m.state is ActorState.STOPPED for m in zs.snapshot().models)
+
+
+async def test_replicas_are_separate_actors() -> None:
+    with gate() as g:
+        async with Scheduler([sim("m", replicas=2, gate=g)]) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "a")
+                tg.start_soon(zs.complete, "b")
+                # Both run at once, one per replica.
+                await wait_until(lambda: busy(zs, "m") == 2)
+                assert [m.in_flight for m in zs.snapshot().models] == [1, 1]
+                g.set()
+
+
+async def test_custom_classifier_and_policy_objects_are_used() -> None:
+    class AlwaysReason:
+        def classify(self, prompt: str) -> Classification:
+            return Classification(Kind.REASON, 0.9)
+
+    class LastCapable:
+        name = "last"
+
+        def __init__(self) -> None:
+            self.seen: list[RouteRequest] = []
+
+        def choose(
+            self, request: RouteRequest, table: Any, candidates: Sequence[Any]
+        ) -> int | None:
+            self.seen.append(request)
+            ok = [
+                c.index for c in candidates if request.kind in c.kinds and table.available(c.index)
+            ]
+            return ok[-1] if ok else None
+
+    policy = LastCapable()
+    async with Scheduler(ladder(), classifier=AlwaysReason(), policy=policy) as zs:
+        result = await zs.complete("def f(): pass")
+    assert result.kind is Kind.REASON and result.model == "reasoner"
+    assert policy.seen[0].difficulty == 0.9 and policy.seen[0].kind is Kind.REASON
+
+
+# -- priorities -----------------------------------------------------------------------------------
+async def test_higher_priority_is_served_first() -> None:
+    trace = Trace()
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g, on_call=trace)], aging_s=3600) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "first")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                # Arrival order is the reverse of priority order.
+                order = [
+                    ("low", Priority.LOW),
+                    ("normal", Priority.NORMAL),
+                    ("high", Priority.HIGH),
+                ]
+                for n, (prompt, prio) in enumerate(order, 1):
+                    tg.start_soon(
+                        lambda p=prompt, q=prio: zs.complete(p, kind="simple", priority=q)
+                    )
+                    await wait_until(lambda n=n: queued(zs, "m") == n)
+                g.set()
+    assert trace.prompts == ["first", "high", "normal", "low"]
+
+
+async def test_aging_uses_the_scheduler_clock() -> None:
+    now = [1000.0]
+    trace = Trace()
+    with gate() as g:
+        async with Scheduler(
+            [sim("m", gate=g, on_call=trace)], aging_s=1.0, clock=lambda: now[0]
+        ) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "first")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                tg.start_soon(lambda: zs.complete("patient", kind="simple", priority=Priority.LOW))
+                await wait_until(lambda: queued(zs, "m") == 1)
+                now[0] += 5.0  # the LOW request has now waited 5 aging periods
+                tg.start_soon(lambda: zs.complete("urgent", kind="simple", priority=Priority.HIGH))
+                await wait_until(lambda: queued(zs, "m") == 2)
+                g.set()
+    assert trace.prompts == ["first", "patient", "urgent"]
+
+
+# -- admission ------------------------------------------------------------------------------------
+async def test_overloaded_when_every_capable_mailbox_is_full() -> None:
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g)], mailbox_capacity=1) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "running")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                tg.start_soon(zs.complete, "queued")
+                await wait_until(lambda: queued(zs, "m") == 1)
+                with pytest.raises(Overloaded) as info:
+                    await zs.complete("refused")
+                assert info.value.retry_after > 0
+                g.set()
+    snap = zs.recorder.snapshot()
+    assert snap.rejections == {"simple": 1}
+    assert snap.requests[("none", "simple", "overloaded")] == 1
+    assert snap.requests[("m", "simple", "ok")] == 2
+
+
+async def test_admission_can_wait_for_room() -> None:
+    results: list[str] = []
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g)], mailbox_capacity=1, admission_timeout=None) as zs:
+
+            async def call(prompt: str) -> None:
+                results.append((await zs.complete(prompt, kind="simple")).model)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "running")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                tg.start_soon(call, "queued")
+                await wait_until(lambda: queued(zs, "m") == 1)
+                tg.start_soon(call, "waiting")
+                await anyio.wait_all_tasks_blocked()
+                assert queued(zs, "m") == 1  # still waiting for room, not refused
+                g.set()
+    assert results == ["m", "m", "m"]
+
+
+async def test_admission_wait_gives_up_with_overloaded() -> None:
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g)], mailbox_capacity=1) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "running")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                tg.start_soon(zs.complete, "queued")
+                await wait_until(lambda: queued(zs, "m") == 1)
+                with pytest.raises(Overloaded):
+                    await zs.complete("impatient", admission_timeout=0.02)
+                g.set()
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+async def test_a_request_whose_deadline_passes_in_the_queue_never_runs() -> None:
+    trace = Trace()
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g, on_call=trace)]) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "running")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                with pytest.raises(DeadlineExceeded):
+                    await zs.complete("late", deadline=zs.clock() + 0.05)
+                assert queued(zs, "m") == 0
+                g.set()
+            await zs.complete("after")
+    assert trace.prompts == ["running", "after"]
+    assert zs.recorder.snapshot().requests[("m", "simple", "deadline_exceeded")] == 1
+
+
+async def test_a_running_request_past_its_deadline_fails_and_stops_generating() -> None:
+    opened = Opened()
+    async with Scheduler([sim("m", per_output_token_s=0.002)], backend_factory=opened) as zs:
+        with pytest.raises(DeadlineExceeded):
+            await zs.complete("long", max_tokens=100_000, deadline=zs.clock() + 0.05)
+        await wait_until(lambda: zs.snapshot().models[0].completed == 1)
+        assert (await zs.complete("next", max_tokens=1)).text
+    stopped = opened.completions[0]
+    assert stopped.finish_reason == "cancelled" and stopped.completion_tokens < 100_000
+
+
+async def test_deadline_in_the_past_is_invalid() -> None:
+    async with Scheduler([sim("m")]) as zs:
+        with pytest.raises(InvalidRequestError):
+            await zs.complete("x", deadline=zs.clock() - 1)
+
+
+# -- cancellation ---------------------------------------------------------------------------------
+async def test_cancelling_a_queued_request_removes_it() -> None:
+    trace = Trace()
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g, on_call=trace)]) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "running")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(lambda: _cancel_when(zs, scope, lambda: queued(zs, "m") == 1))
+                    await zs.complete("doomed")
+                assert scope.cancelled_caught
+                assert queued(zs, "m") == 0
+                g.set()
+    assert trace.prompts == ["running"]
+    assert zs.recorder.snapshot().requests[("m", "simple", "cancelled")] == 1
+
+
+async def _cancel_when(
+    zs: Scheduler, scope: anyio.CancelScope, predicate: Callable[[], bool]
+) -> None:
+    await wait_until(predicate)
+    scope.cancel()
+
+
+async def test_cancelling_a_running_request_drops_the_result_and_frees_the_context() -> None:
+    with gate() as g:
+        async with Scheduler([sim("m", gate=g)]) as zs:
+            with anyio.move_on_after(0.05) as scope:
+                await zs.complete("abandoned")
+            assert scope.cancelled_caught
+            assert busy(zs, "m") == 1  # the thread is still inside the call
+            g.set()
+            await wait_until(lambda: busy(zs, "m") == 0)
+            assert (await zs.complete("next", kind="simple")).model == "m"
+            assert zs.snapshot().models[0].completed == 2
+    requests = zs.recorder.snapshot().requests
+    assert requests[("m", "simple", "cancelled")] == 1 and requests[("m", "simple", "ok")] == 1
+
+
+async def test_closing_a_stream_stops_generation_at_the_next_token() -> None:
+    opened = Opened()
+    async with Scheduler([sim("m", per_output_token_s=0.001)], backend_factory=opened) as zs:
+        async with zs.stream("go on forever", kind="simple", max_tokens=100_000) as stream:
+            got = [piece async for piece, _ in _zip(stream, range(3))]
+        assert len(got) == 3
+        await wait_until(lambda: zs.snapshot().models[0].completed == 1)
+    (completion,) = opened.completions
+    assert completion.finish_reason == "cancelled" and completion.completion_tokens < 100_000
+    assert zs.recorder.snapshot().requests[("m", "simple", "cancelled")] == 1
+
+
+async def test_dropping_a_stream_without_closing_it_stops_generation() -> None:
+    opened = Opened()
+    async with Scheduler([sim("m", per_output_token_s=0.001)], backend_factory=opened) as zs:
+        async for _ in zs.stream("forever", kind="simple", max_tokens=100_000):
+            break
+        gc.collect()
+        await wait_until(lambda: zs.snapshot().models[0].completed == 1)
+        await wait_until(lambda: sum(zs.recorder.snapshot().requests.values()) == 1)
+    assert opened.completions[0].finish_reason == "cancelled"
+    assert zs.recorder.snapshot().requests == {("m", "simple", "cancelled"): 1}
+
+
+async def _zip(stream: AsyncIterator[str], bound: range) -> AsyncIterator[tuple[str, int]]:
+    for i in bound:
+        yield await stream.__anext__(), i
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+async def test_runs_inside_an_application_task_group() -> None:
+    async with anyio.create_task_group() as tg:
+        zs = await tg.start(Scheduler([sim("m")]).run)
+        assert isinstance(zs, Scheduler) and zs.running
+        assert (await zs.complete("hi")).model == "m"
+        await zs.aclose()
+        assert not zs.running
+    with pytest.raises(SchedulerClosed):
+        await zs.complete("too late")
+
+
+async def test_cancelling_the_application_task_group_shuts_down_cleanly() -> None:
+    async with anyio.create_task_group() as tg:
+        zs = await tg.start(Scheduler([sim("m")]).run)
+        await zs.complete("hi")
+        tg.cancel_scope.cancel()
+    assert all(m.state is ActorState.STOPPED for m in zs.snapshot().models)
+
+
+async def test_shutdown_fails_queued_requests_and_bounds_running_ones() -> None:
+    outcomes: list[str] = []
+    with gate() as g:
+        async with anyio.create_task_group() as tg:
+            sched = Scheduler([sim("m", gate=g)], supervision=Supervision(shutdown_timeout_s=0.05))
+            zs = await tg.start(sched.run)
+
+            async def call(prompt: str) -> None:
+                try:
+                    await zs.complete(prompt)
+                    outcomes.append("ok")
+                except SchedulerClosed:
+                    outcomes.append("closed")
+
+            tg.start_soon(call, "running")
+            await wait_until(lambda: busy(zs, "m") == 1)
+            tg.start_soon(call, "queued")
+            await wait_until(lambda: queued(zs, "m") == 1)
+            await zs.aclose()  # the running call never returns in time
+        assert sorted(outcomes) == ["closed", "closed"]
+
+
+async def test_body_exceptions_propagate_unwrapped() -> None:
+    with pytest.raises(KeyError):
+        async with Scheduler([sim("m")]):
+            raise KeyError("mine")
+
+
+async def test_a_model_that_fails_to_load_fails_startup() -> None:
+    before = {t.name for t in threading.enumerate()}
+    specs = [sim("ok"), sim("broken", failures=FailurePlan(open_script=["fail"]))]
+    with pytest.raises(ModelLoadError):
+        async with Scheduler(specs):
+            pytest.fail("must not start")
+    await wait_until(lambda: {t.name for t in threading.enumerate()} <= before)
+
+
+async def test_a_scheduler_runs_once() -> None:
+    zs = Scheduler([sim("m")])
+    async with zs:
+        pass
+    with pytest.raises(RuntimeError):
+        async with zs:
+            pass
+
+
+async def test_requests_before_start_are_refused() -> None:
+    zs = Scheduler([sim("m")])
+    with pytest.raises(SchedulerClosed):
+        await zs.complete("early")
+
+
+# -- invalid input --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"prompt": ""},
+        {"prompt": 3},
+        {"prompt": "x", "kind": "poetry"},
+        {"prompt": "x", "kind": "embed"},
+        {"prompt": "x", "max_tokens": 0},
+        {"prompt": "x", "max_tokens": 2.5},
+        {"prompt": "x", "priority": 7},
+        {"prompt": "x", "difficulty": 1.5},
+        {"prompt": "x", "stop": "END"},
+        {"prompt": "x", "temperature": -1},
+        {"prompt": "x", "deadline": "soon"},
+        {"prompt": "x", "admission_timeout": -1},
+    ],
+)
+async def test_invalid_requests(kwargs: dict[str, Any]) -> None:
+    trace = Trace()
+    async with Scheduler([sim("m", on_call=trace)]) as zs:
+        with pytest.raises(InvalidRequestError):
+            await zs.complete(**kwargs)
+    assert trace.calls == []
+    assert sum(zs.recorder.snapshot().requests.values()) == 1
+    ((_, _, outcome),) = zs.recorder.snapshot().requests
+    assert outcome == Outcome.INVALID.value
+
+
+async def test_auto_falls_back_to_a_served_kind() -> None:
+    async with Scheduler([sim("chat", kinds=("simple",))]) as zs:
+        result = await zs.complete("Explain step by step why primes are infinite; prove it.")
+    assert (result.model, result.kind) == ("chat", Kind.SIMPLE)
+
+
+async def test_no_capable_model() -> None:
+    async with Scheduler([sim("coder", kinds=("code",))]) as zs:
+        with pytest.raises(NoCapableModelError):
+            await zs.embed("x")
+        with pytest.raises(NoCapableModelError):
+            await zs.complete("Why? Prove it, step by step.", kind="reason")
+        with pytest.raises(InvalidRequestError):
+            await zs.embed([])
+        with pytest.raises(NoCapableModelError):
+            zs.stream("x", kind="simple")
+
+
+# -- telemetry ------------------------------------------------------------------------------------
+async def test_spills_are_counted_and_logged(captured_logs: list[dict[str, Any]]) -> None:
+    with gate() as g:
+        specs = [
+            sim("coder", preferred=("simple", "code"), gate=g),
+            sim("reasoner", preferred=("reason",)),
+        ]
+        async with Scheduler(specs, policy="dynamic", spill_penalty=0.0) as zs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: zs.complete("print('busy')", kind="code"))
+                await wait_until(lambda: busy(zs, "coder") == 1)
+                spilled = await zs.complete("secret prompt text", kind="code")
+                g.set()
+    assert spilled.model == "reasoner"
+    assert zs.recorder.snapshot().spills == {("coder", "reasoner"): 1}
+    finished = [e for e in captured_logs if e["event"] == "request_finished"]
+    assert len(finished) == 2
+    line = next(e for e in finished if e["request_id"] == spilled.request_id)
+    assert line["model"] == "reasoner" and line["kind"] == "code" and line["outcome"] == "ok"
+    assert line["spilled_from"] == "coder" and line["queue_wait_s"] >= 0 and line["service_s"] >= 0
+    assert "secret prompt text" not in repr(captured_logs)
+
+
+async def test_sampler_readings_reach_the_kernel() -> None:
+    class Fixed:
+        def sample(self, actors: Sequence[Any], now: float) -> list[float]:
+            return [0.25 + 0.5 * i for i in range(len(actors))]
+
+    async with Scheduler([sim("a"), sim("b")], sampler=Fixed(), sample_interval=0.01) as zs:
+        await wait_until(lambda: [m.utilisation for m in zs.snapshot().models] == [0.25, 0.75])

@@ -1,0 +1,396 @@
+"""Routing policies: pure objects that pick one candidate (actor) for one request.
+
+A policy sees everything as arguments: the request's routing facts, the live
+:class:`~zeta._scoring.ScoreTable` (load, estimates, utilisation, availability) and the static
+candidate list. It does no I/O, reads no clock and logs nothing, so tests and simulators drive it
+directly. It may keep its own small state (a rotation, a seeded RNG, hysteresis flags).
+
+A policy must only return a candidate that can serve the request's kind and is available
+(``table.available(i)``: ready, not down, mailbox not full), or ``None`` when it will not place
+the request; the router checks and raises on a violation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._exceptions import ConfigError
+from ._scoring import NO_CANDIDATE, ScoreTable
+from ._types import Kind, Priority
+
+__all__ = [
+    "POLICIES",
+    "Candidate",
+    "DynamicPolicy",
+    "JoinShortestQueuePolicy",
+    "PeakEwmaPolicy",
+    "Policy",
+    "PowerOfTwoChoicesPolicy",
+    "RoundRobinPolicy",
+    "RouteRequest",
+    "StaticPolicy",
+    "ThresholdPolicy",
+    "make_policy",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """Static facts about one actor (one replica of one model); ``index`` is its table row."""
+
+    index: int
+    model: str
+    replica: int
+    kinds: frozenset[Kind]
+    preferred: frozenset[Kind]
+    quality: int
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a policy knows about a request.
+
+    ``kind`` is a served kind (``AUTO`` is resolved before routing) and ``kind_index`` its
+    column in the table; ``est_tokens`` is the expected output length the kernel multiplies by
+    the per-token estimate; ``difficulty`` is in ``[0, 1]``.
+    """
+
+    kind: Kind
+    kind_index: int
+    est_tokens: float
+    difficulty: float = 0.5
+    priority: Priority = Priority.NORMAL
+
+
+class Policy(Protocol):
+    """Chooses a candidate index for a request, or ``None`` to decline."""
+
+    name: str
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None: ...
+
+
+# -- helpers shared by the policies ------------------------------------------------------------
+def eligible(
+    request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+) -> list[int]:
+    """Indices of candidates that can serve the kind and are available now."""
+    kind = request.kind
+    return [c.index for c in candidates if kind in c.kinds and table.available(c.index)]
+
+
+def outstanding(table: ScoreTable, i: int) -> int:
+    """Queued plus in-flight requests of candidate ``i``."""
+    queue, in_flight = table.load(i)
+    return queue + in_flight
+
+
+def occupancy_load(table: ScoreTable, c: Candidate) -> float:
+    """How loaded one candidate is, in ``[0, 1]``: the larger of utilisation and mailbox fill."""
+    fill = outstanding(table, c.index) / (c.capacity + 1)
+    return max(table.util(c.index), min(1.0, fill))
+
+
+def _primary_models(kind: Kind, candidates: Sequence[Candidate]) -> tuple[str, ...]:
+    """The fixed rule's models for ``kind``: best-quality models that prefer it.
+
+    If no model prefers the kind, the best-quality models that can serve it.
+    """
+    pool = [c for c in candidates if kind in c.preferred] or [
+        c for c in candidates if kind in c.kinds
+    ]
+    if not pool:
+        return ()
+    best = min(c.quality for c in pool)
+    return tuple(dict.fromkeys(c.model for c in pool if c.quality == best))
+
+
+class _Rotation:
+    """Round-robin tie breaking among equally good candidates (deterministic, no RNG)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self, seed: int = 0) -> None:
+        self._next = seed
+
+    def pick_min(self, keyed: Sequence[tuple[float, int]]) -> int | None:
+        """The index with the smallest key; equal keys are taken in turn."""
+        if not keyed:
+            return None
+        n = len(keyed)
+        start = self._next % n
+        best_key, best = keyed[start]
+        for j in range(1, n):
+            key, i = keyed[(start + j) % n]
+            if key < best_key:
+                best_key, best = key, i
+        self._next = start + 1
+        return best
+
+
+# -- the shipped policies -----------------------------------------------------------------------
+class DynamicPolicy:
+    """The scoring kernel: cheapest expected completion, with contention and preference penalties."""
+
+    name = "dynamic"
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        i = table.choose(request.kind_index, request.est_tokens)
+        return None if i == NO_CANDIDATE else i
+
+
+class StaticPolicy:
+    """The fixed rules: each kind goes to the best-quality model that prefers it, never elsewhere.
+
+    With the usual configuration (coder prefers simple and code, embedder prefers embed, reasoner
+    prefers reason) that is: simple/chat -> coder, code -> coder, embed -> embedder,
+    reason -> reasoner. Among the chosen model's replicas the least loaded wins. When that model
+    is full or down the request is not placed (no spill), which is what makes it a baseline.
+    """
+
+    name = "static"
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+        self._cache: tuple[Sequence[Candidate], dict[Kind, tuple[str, ...]]] | None = None
+
+    def primary(self, kind: Kind, candidates: Sequence[Candidate]) -> tuple[str, ...]:
+        """The models the fixed rule sends ``kind`` to (cached per candidate list)."""
+        cache = self._cache
+        if cache is None or cache[0] is not candidates:
+            cache = self._cache = (candidates, {})
+        models = cache[1].get(kind)
+        if models is None:
+            models = cache[1][kind] = _primary_models(kind, candidates)
+        return models
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        models = self.primary(request.kind, candidates)
+        keyed = [
+            (float(outstanding(table, c.index)), c.index)
+            for c in candidates
+            if c.model in models and request.kind in c.kinds and table.available(c.index)
+        ]
+        return self._rotation.pick_min(keyed)
+
+
+class ThresholdPolicy:
+    """The fixed rules plus overload spill with hysteresis.
+
+    A model is *overloaded* once its load (mean over available replicas of the larger of
+    utilisation and mailbox fill) exceeds ``high``, and stays so until it falls below ``low``.
+    While the rule's model is overloaded (or has no available replica), a request spills to
+    another capable model that is not overloaded, models preferring the kind first, then by
+    quality. Spilling *down* the quality ladder is limited by difficulty: a ``reason`` request
+    only spills to a model that does not prefer ``reason`` if its difficulty is at most
+    ``max_spill_difficulty``. So with a coder and a reasoner: code goes to the reasoner while the
+    coder is overloaded, and easy reasoning goes to the coder while the reasoner is overloaded
+    and the coder is not. If nothing better exists the rule's model is used even when overloaded.
+
+    Args:
+        high: load above which a model starts spilling (0..1).
+        low: load below which it stops (0..high).
+        max_spill_difficulty: hardest ``reason`` request that may go to a non-reasoning model.
+    """
+
+    name = "threshold"
+
+    def __init__(
+        self, high: float = 0.8, low: float = 0.5, max_spill_difficulty: float = 0.5
+    ) -> None:
+        if not 0.0 <= low < high <= 1.0:
+            raise ConfigError(f"need 0 <= low < high <= 1, got low={low!r}, high={high!r}")
+        if not 0.0 <= max_spill_difficulty <= 1.0:
+            raise ConfigError("must be in [0, 1]", key="max_spill_difficulty")
+        self.high = high
+        self.low = low
+        self.max_spill_difficulty = max_spill_difficulty
+        self._static = StaticPolicy()
+        self._rotation = _Rotation()
+        self._overloaded: set[str] = set()
+
+    @property
+    def overloaded(self) -> frozenset[str]:
+        """Models currently in the spilling state."""
+        return frozenset(self._overloaded)
+
+    def _model_load(self, model: str, table: ScoreTable, candidates: Sequence[Candidate]) -> float:
+        loads = [
+            occupancy_load(table, c)
+            for c in candidates
+            if c.model == model and table.available(c.index)
+        ]
+        return sum(loads) / len(loads) if loads else 1.0
+
+    def _is_overloaded(
+        self, model: str, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> bool:
+        load = self._model_load(model, table, candidates)
+        if model in self._overloaded:
+            if load < self.low:
+                self._overloaded.discard(model)
+                return False
+            return True
+        if load > self.high:
+            self._overloaded.add(model)
+            return True
+        return False
+
+    def _pick(
+        self, model: str, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        keyed = [
+            (occupancy_load(table, c), c.index)
+            for c in candidates
+            if c.model == model and request.kind in c.kinds and table.available(c.index)
+        ]
+        return self._rotation.pick_min(keyed)
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        kind = request.kind
+        primary = self._static.primary(kind, candidates)
+        for model in primary:
+            if not self._is_overloaded(model, table, candidates):
+                i = self._pick(model, request, table, candidates)
+                if i is not None:
+                    return i
+        # Spill: other capable models, those preferring the kind first, then by quality.
+        others: dict[str, tuple[bool, int]] = {}
+        for c in candidates:
+            if kind in c.kinds and c.model not in primary:
+                others[c.model] = (kind not in c.preferred, c.quality)
+        for model in sorted(others, key=lambda m: (*others[m], m)):
+            prefers = not others[model][0]
+            if (
+                kind is Kind.REASON
+                and not prefers
+                and request.difficulty > self.max_spill_difficulty
+            ):
+                continue
+            if self._is_overloaded(model, table, candidates):
+                continue
+            i = self._pick(model, request, table, candidates)
+            if i is not None:
+                return i
+        for model in primary:
+            i = self._pick(model, request, table, candidates)
+            if i is not None:
+                return i
+        return None
+
+
+class RoundRobinPolicy:
+    """Baseline: capable, available candidates in turn (one rotation per kind)."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next: dict[Kind, int] = {}
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        n = len(candidates)
+        start = self._next.get(request.kind, 0)
+        for j in range(n):
+            pos = (start + j) % n
+            c = candidates[pos]
+            if request.kind in c.kinds and table.available(c.index):
+                self._next[request.kind] = pos + 1
+                return c.index
+        return None
+
+
+class JoinShortestQueuePolicy:
+    """Baseline: the capable, available candidate with the fewest queued plus in-flight requests."""
+
+    name = "jsq"
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        keyed = [(float(outstanding(table, i)), i) for i in eligible(request, table, candidates)]
+        return self._rotation.pick_min(keyed)
+
+
+class PowerOfTwoChoicesPolicy:
+    """Baseline: sample two capable, available candidates at random, take the shorter queue.
+
+    Seeded, so a run is reproducible.
+    """
+
+    name = "p2c"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        pool = eligible(request, table, candidates)
+        if len(pool) <= 1:
+            return pool[0] if pool else None
+        a, b = self._rng.sample(pool, 2)
+        return b if outstanding(table, b) < outstanding(table, a) else a
+
+
+class PeakEwmaPolicy:
+    """Baseline: Finagle's peak-EWMA balancer, ``(outstanding + 1) * expected service time``.
+
+    Uses the kernel's peak-EWMA estimates but ignores utilisation and preference penalties.
+    """
+
+    name = "peak_ewma"
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def choose(
+        self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> int | None:
+        keyed = []
+        for i in eligible(request, table, candidates):
+            per_request, per_token = table.ewma(i)
+            expected = per_request + request.est_tokens * per_token
+            keyed.append(((outstanding(table, i) + 1) * expected, i))
+        return self._rotation.pick_min(keyed)
+
+
+#: Policy names accepted by ``Scheduler(policy=...)``.
+POLICIES: dict[str, type] = {
+    "static": StaticPolicy,
+    "threshold": ThresholdPolicy,
+    "dynamic": DynamicPolicy,
+    "round_robin": RoundRobinPolicy,
+    "jsq": JoinShortestQueuePolicy,
+    "p2c": PowerOfTwoChoicesPolicy,
+    "peak_ewma": PeakEwmaPolicy,
+}
+
+
+def make_policy(policy: str | Policy, *, seed: int = 0) -> Policy:
+    """A policy object from a name in :data:`POLICIES`, or ``policy`` itself if it is one."""
+    if isinstance(policy, str):
+        cls = POLICIES.get(policy)
+        if cls is None:
+            raise ConfigError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}", key="policy")
+        instance: Policy = cls(seed=seed) if cls is PowerOfTwoChoicesPolicy else cls()
+        return instance
+    if not callable(getattr(policy, "choose", None)):
+        raise ConfigError(f"a policy needs a choose() method, got {policy!r}", key="policy")
+    return policy

@@ -1,0 +1,226 @@
+"""One request's state as it moves through the scheduler, and the results callers get back.
+
+A :class:`Request` is owned by the event loop. The only fields a worker thread touches are
+``abandoned`` (read: stop generating) and ``streamed``/``progress`` (written by the token
+callback); both are single attribute stores, safe under the GIL, and a stale read costs at most
+one extra token.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._mailbox import EventLike
+from ._policies import RouteRequest
+from ._types import Kind, Priority
+from .backends._base import CompletionParams, TokenCallback
+
+if TYPE_CHECKING:
+    from ._actor import LoopHandle, ModelActor
+    from ._mailbox import Ticket
+
+__all__ = ["CompletionResult", "EmbeddingResult", "Op", "Request", "RequestState"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionResult:
+    """A finished completion and where and how it was served.
+
+    ``finish_reason`` is ``"length"``, ``"stop"`` or ``"cancelled"``. ``queue_wait_s`` runs from
+    admission to the start of the call that produced the result; ``first_token_s`` and
+    ``service_s`` are measured by the backend.
+    """
+
+    text: str
+    model: str
+    replica: int
+    kind: Kind
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_s: float
+    first_token_s: float
+    service_s: float
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """One vector per input text, in order, and where and how they were computed."""
+
+    vectors: list[list[float]]
+    model: str
+    replica: int
+    prompt_tokens: int
+    queue_wait_s: float
+    service_s: float
+    request_id: int
+
+
+class Op(enum.Enum):
+    COMPLETE = "complete"
+    EMBED = "embed"
+
+
+class RequestState(enum.Enum):
+    NEW = "new"  # not in any mailbox (being admitted, or between a failed actor and a retry)
+    QUEUED = "queued"  # in ``actor``'s mailbox under ``ticket``
+    RUNNING = "running"  # ``actor`` is executing it
+    DONE = "done"  # settled: ``result`` or ``error`` is final (both None: the caller left)
+
+
+class Request:
+    """Internal state of one request. Settled exactly once, by :meth:`finish`."""
+
+    __slots__ = (
+        "_new_event",
+        "_waiter",
+        "abandoned",
+        "actor",
+        "attempts",
+        "created_at",
+        "deadline",
+        "enqueued_at",
+        "error",
+        "id",
+        "op",
+        "params",
+        "pieces",
+        "preferred",
+        "progress",
+        "recorded",
+        "result",
+        "route",
+        "service_s",
+        "started_at",
+        "state",
+        "streamed",
+        "texts",
+        "ticket",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        request_id: int,
+        op: Op,
+        route: RouteRequest,
+        *,
+        created_at: float,
+        deadline: float | None,
+        params: CompletionParams | None = None,
+        texts: list[str] | None = None,
+        stream: bool = False,
+        preferred: str | None = None,
+        new_event: Callable[[], EventLike] = anyio.Event,
+    ) -> None:
+        self.id = request_id
+        self.op = op
+        self.route = route
+        self.params = params
+        self.texts = texts
+        self.created_at = created_at
+        self.deadline = deadline
+        self.preferred = preferred
+        self.state = RequestState.NEW
+        self.actor: ModelActor | None = None
+        self.ticket: Ticket | None = None
+        self.attempts = 0
+        self.enqueued_at: float | None = None
+        self.started_at: float | None = None
+        self.service_s: float | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        self.streamed = False
+        self.progress = 0
+        self.recorded = False
+        self.pieces: deque[str] | None = deque() if stream else None
+        self._waiter: EventLike | None = None
+        self._new_event = new_event
+
+    @property
+    def kind(self) -> Kind:
+        return self.route.kind
+
+    @property
+    def priority(self) -> Priority:
+        return self.route.priority
+
+    @property
+    def done(self) -> bool:
+        return self.state is RequestState.DONE
+
+    # -- settling ---------------------------------------------------------------------------
+    def finish(self, result: Any = None, error: BaseException | None = None) -> bool:
+        """Settle the request; ``False`` (and nothing changes) if it was already settled.
+
+        A queued request is taken out of its mailbox first, so it never runs.
+        """
+        if self.state is RequestState.DONE:
+            return False
+        if self.state is RequestState.QUEUED and self.actor is not None:
+            self.actor.withdraw(self)
+        self.state = RequestState.DONE
+        self.result = result
+        self.error = error
+        self._wake()
+        return True
+
+    def abandon(self) -> None:
+        """The caller is gone: stop generation at the next token and drop any result."""
+        self.abandoned = True
+        self.finish()
+
+    # -- waiting (event loop) ---------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    async def wait(self) -> None:
+        """Wait until settled, or (for a stream) until a new piece arrives."""
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = self._new_event()
+        await waiter.wait()
+
+    def push(self, piece: str) -> None:
+        """Hand one streamed piece to the consumer (called on the event loop)."""
+        if self.pieces is not None and self.state is not RequestState.DONE:
+            self.pieces.append(piece)
+            self._wake()
+
+    # -- worker-thread side -----------------------------------------------------------------
+    def token_callback(self, handle: LoopHandle) -> TokenCallback:
+        """The ``on_token`` callback the backend calls on the worker thread.
+
+        Returning ``False`` stops generation: the caller left, or its deadline passed. Stream
+        pieces are handed to the event loop without blocking the worker.
+        """
+        if self.pieces is None:
+
+            def keep_going(piece: str) -> bool:
+                self.progress += 1
+                return not self.abandoned
+
+            return keep_going
+
+        call_soon = handle.call_soon
+        push = self.push
+
+        def forward(piece: str) -> bool:
+            if self.abandoned:
+                return False
+            self.progress += 1
+            self.streamed = True
+            call_soon(push, piece)
+            return not self.abandoned
+
+        return forward

@@ -1,0 +1,346 @@
+"""A simulated backend: blocks a worker thread for a modelled service time, like llama.cpp does.
+
+Service time = ``base_s + per_prompt_token_s * prompt_tokens + per_output_token_s * output_tokens``,
+scaled by a seeded jitter factor drawn once per call. Time is spent in :func:`time.sleep` on the
+calling (worker) thread, so the scheduler sees exactly the blocking behaviour of a real context.
+Embeddings are deterministic vectors derived from a hash of each text.
+
+Failure injection, for tests of the supervisor, comes from a :class:`FailurePlan` in
+``options["failures"]``: each call draws one outcome (``"ok"``, ``"error"``, ``"raise"``, ``"die"``,
+``"hang"``, ``"midstream"``) from a script and/or probabilities, and each open may fail. A plan object is shared by
+every context opened from the spec, so a script runs across restarts; a mapping in its place builds
+a fresh plan per context.
+
+Options (all optional):
+    base_s, per_prompt_token_s, per_output_token_s: service-time model, seconds (default 0).
+    jitter: relative jitter, the factor is uniform in ``[1 - jitter, 1 + jitter]`` (default 0).
+    seed: seeds the jitter (mixed with the replica index) and mapping-built failure plans.
+    output_tokens: tokens generated per completion, at most ``max_tokens`` (default: max_tokens).
+    embed_dim: length of embedding vectors (default 8).
+    load_s: time :func:`open_backend` blocks, as if loading weights (default 0).
+    gate: a :class:`threading.Event`; every call waits for it to be set before doing anything,
+        so a test can hold a context busy deterministically.
+    on_call: ``callable(op, text)`` invoked on the worker thread when a call starts
+        (``op`` is ``"complete"`` or ``"embed"``), for tests that trace what ran.
+    failures: a :class:`FailurePlan` or a mapping of its fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .._exceptions import BackendError, ConfigError, ModelLoadError
+from .._types import ModelSpec
+from ._base import Completion, CompletionParams, Embedding, TokenCallback
+
+__all__ = ["OUTCOMES", "FailurePlan", "SimulatedBackend", "SimulatedCrash", "open_backend"]
+
+#: What one call can do under failure injection.
+OUTCOMES = ("ok", "error", "raise", "die", "hang", "midstream")
+
+_WORDS = (
+    "the", "model", "routes", "each", "request", "to", "a", "context", "with", "low", "load",
+    "and", "returns", "tokens", "in", "order", "while", "others", "wait", "their", "turn",
+)  # fmt: skip
+
+
+class SimulatedCrash(RuntimeError):
+    """An injected crash (``"raise"``, ``"die"`` or a hang that gave up).
+
+    Deliberately not a :class:`~zeta.ZetaError`: to the scheduler it is an unexpected failure of
+    the context, which is what a segfaulting or wedged llama.cpp context looks like from Python.
+    """
+
+
+def _probability(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"must be a probability in [0, 1], got {value!r}", key=name)
+    return float(value)
+
+
+@dataclass
+class FailurePlan:
+    """Which calls (and opens) of a simulated context fail, and how.
+
+    ``script`` is consumed one entry per call, in call order across every context sharing the plan;
+    when it runs out, the probabilities apply (``p_error`` + ``p_raise`` + ``p_die`` + ``p_hang``
+    must not exceed 1). Likewise ``open_script`` (entries ``"ok"`` or ``"fail"``) and
+    ``p_open_fail`` for opens. A ``"hang"`` blocks the worker thread for ``hang_s`` seconds and then
+    raises :class:`SimulatedCrash`. Thread-safe: replicas draw from one plan concurrently.
+
+    Outcomes: ``"error"`` raises :class:`~zeta.BackendError` (the call failed, the context is
+    fine); ``"raise"`` raises :class:`SimulatedCrash` once; ``"die"`` raises it and leaves the
+    context dead, so every later call on it raises too; ``"midstream"`` generates one token and
+    then dies (only scripts produce it: a crash after streaming began).
+    """
+
+    script: Sequence[str] = ()
+    p_error: float = 0.0
+    p_raise: float = 0.0
+    p_die: float = 0.0
+    p_hang: float = 0.0
+    hang_s: float = 30.0
+    open_script: Sequence[str] = ()
+    p_open_fail: float = 0.0
+    seed: int = 0
+    calls: int = field(default=0, init=False)
+    opens: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        for entry in self.script:
+            if entry not in OUTCOMES:
+                raise ConfigError(
+                    f"unknown outcome {entry!r}; expected one of {OUTCOMES}", key="script"
+                )
+        for entry in self.open_script:
+            if entry not in ("ok", "fail"):
+                raise ConfigError(f"unknown open outcome {entry!r}", key="open_script")
+        total = 0.0
+        for name in ("p_error", "p_raise", "p_die", "p_hang", "p_open_fail"):
+            p = _probability(name, getattr(self, name))
+            total += p if name != "p_open_fail" else 0.0
+        if total > 1.0 + 1e-9:
+            raise ConfigError(f"call failure probabilities sum to {total} > 1", key="failures")
+        if not (isinstance(self.hang_s, (int, float)) and self.hang_s >= 0):
+            raise ConfigError(f"must be >= 0, got {self.hang_s!r}", key="hang_s")
+        self._script = list(self.script)
+        self._open_script = list(self.open_script)
+        self._rng = random.Random(self.seed)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def coerce(cls, value: object, seed: int) -> FailurePlan | None:
+        """A plan from ``options["failures"]``: a plan as is, a mapping as keyword arguments."""
+        if value is None or isinstance(value, FailurePlan):
+            return value
+        if isinstance(value, Mapping):
+            kwargs = {"seed": seed, **value}
+            try:
+                return cls(**kwargs)
+            except TypeError as exc:
+                raise ConfigError(str(exc), key="failures") from None
+        raise ConfigError(f"expected a FailurePlan or a mapping, got {value!r}", key="failures")
+
+    def next_call(self) -> str:
+        """Draw the outcome of the next call."""
+        with self._lock:
+            self.calls += 1
+            if self._script:
+                return self._script.pop(0)
+            r = self._rng.random()
+            for outcome, p in (
+                ("error", self.p_error), ("raise", self.p_raise),
+                ("die", self.p_die), ("hang", self.p_hang),
+            ):  # fmt: skip
+                if r < p:
+                    return outcome
+                r -= p
+            return "ok"
+
+    def next_open(self) -> bool:
+        """Whether the next open succeeds."""
+        with self._lock:
+            self.opens += 1
+            if self._open_script:
+                return self._open_script.pop(0) == "ok"
+            return self._rng.random() >= self.p_open_fail
+
+
+def _seconds(options: Mapping[str, object], key: str, default: float = 0.0) -> float:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+        raise ConfigError(f"must be a number >= 0, got {value!r}", key=f"options.{key}")
+    if not math.isfinite(value):
+        raise ConfigError(f"must be finite, got {value!r}", key=f"options.{key}")
+    return float(value)
+
+
+def _count_tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4)
+
+
+class SimulatedBackend:
+    """One simulated context. Every method blocks the calling thread, like a llama.cpp context.
+
+    ``calls`` lists ``(op, text)`` for every call that started (for tests).
+    """
+
+    def __init__(self, spec: ModelSpec, replica: int) -> None:
+        opts = spec.options
+        self.spec = spec
+        self.replica = replica
+        self.base_s = _seconds(opts, "base_s")
+        self.per_prompt_token_s = _seconds(opts, "per_prompt_token_s")
+        self.per_output_token_s = _seconds(opts, "per_output_token_s")
+        self.jitter = _seconds(opts, "jitter")
+        if self.jitter >= 1.0:
+            raise ConfigError("must be < 1", key="options.jitter")
+        seed = opts.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"must be an integer, got {seed!r}", key="options.seed")
+        output_tokens = opts.get("output_tokens")
+        if output_tokens is not None and (
+            isinstance(output_tokens, bool)
+            or not isinstance(output_tokens, int)
+            or output_tokens < 1
+        ):
+            raise ConfigError(
+                f"must be an integer >= 1, got {output_tokens!r}", key="options.output_tokens"
+            )
+        self.output_tokens: int | None = output_tokens
+        embed_dim = opts.get("embed_dim", 8)
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+            raise ConfigError(
+                f"must be an integer >= 1, got {embed_dim!r}", key="options.embed_dim"
+            )
+        self.embed_dim = embed_dim
+        gate = opts.get("gate")
+        if gate is not None and not isinstance(gate, threading.Event):
+            raise ConfigError("must be a threading.Event", key="options.gate")
+        self._gate = gate
+        on_call = opts.get("on_call")
+        if on_call is not None and not callable(on_call):
+            raise ConfigError("must be callable", key="options.on_call")
+        self._on_call: Callable[[str, str], object] | None = on_call
+        self.failures = FailurePlan.coerce(opts.get("failures"), seed)
+        self._rng = random.Random(seed * 1_000_003 + replica)
+        self._dead = False
+        self._closed = False
+        self.calls: list[tuple[str, str]] = []
+
+    # -- the Backend protocol ---------------------------------------------------------------
+    def complete(
+        self, params: CompletionParams, on_token: TokenCallback | None = None
+    ) -> Completion:
+        """Generate deterministic text, sleeping for the modelled prefill and per-token time."""
+        start = time.perf_counter()
+        midstream = self._enter("complete", params.prompt)
+        prompt_tokens = _count_tokens(params.prompt)
+        n_out = (
+            params.max_tokens
+            if self.output_tokens is None
+            else min(self.output_tokens, params.max_tokens)
+        )
+        factor = self._factor()
+        _sleep((self.base_s + self.per_prompt_token_s * prompt_tokens) * factor)
+        per_token = self.per_output_token_s * factor
+        first_token_s = 0.0
+        pieces: list[str] = []
+        finish = "length"
+        h = _hash(params.prompt) + params.seed
+        for i in range(n_out):
+            _sleep(per_token)
+            piece = _WORDS[(h + i) % len(_WORDS)] + " "
+            pieces.append(piece)
+            if i == 0:
+                first_token_s = time.perf_counter() - start
+            if on_token is not None and on_token(piece) is False:
+                finish = "cancelled"
+                break
+            if midstream:
+                self._dead = True
+                raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: died mid-stream")
+        return Completion(
+            text="".join(pieces),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(pieces),
+            finish_reason=finish,
+            first_token_s=first_token_s,
+            service_s=time.perf_counter() - start,
+        )
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        """Deterministic unit vectors, one per text, after the modelled prompt-processing time."""
+        start = time.perf_counter()
+        if self._enter("embed", "\n".join(texts)):
+            raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: died mid-call")
+        tokens = sum(_count_tokens(t) for t in texts)
+        _sleep((self.base_s + self.per_prompt_token_s * tokens) * self._factor())
+        return Embedding(
+            vectors=[_vector(t, self.embed_dim) for t in texts],
+            prompt_tokens=tokens,
+            service_s=time.perf_counter() - start,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """About four characters per token, at least one."""
+        return _count_tokens(text)
+
+    def close(self) -> None:
+        """Mark the context closed; later calls raise."""
+        self._closed = True
+
+    # -- internals --------------------------------------------------------------------------
+    def _factor(self) -> float:
+        if self.jitter == 0.0:
+            return 1.0
+        return 1.0 + self.jitter * (2.0 * self._rng.random() - 1.0)
+
+    def _enter(self, op: str, text: str) -> bool:
+        """Start a call: honour the gate, trace it, draw its fate; ``True`` means die mid-stream."""
+        if self._closed:
+            raise SimulatedCrash(f"{self.spec.name}: call on a closed context")
+        if self._gate is not None:
+            self._gate.wait()
+        self.calls.append((op, text))
+        if self._on_call is not None:
+            self._on_call(op, text)
+        if self._dead:
+            raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: context is dead")
+        outcome = "ok" if self.failures is None else self.failures.next_call()
+        if outcome == "ok":
+            return False
+        if outcome == "midstream":
+            return True
+        if outcome == "error":
+            raise BackendError(f"{self.spec.name}[{self.replica}]: injected error")
+        if outcome == "die":
+            self._dead = True
+            raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: injected death")
+        if outcome == "hang":
+            assert self.failures is not None
+            time.sleep(self.failures.hang_s)
+            raise SimulatedCrash(
+                f"{self.spec.name}[{self.replica}]: hung for {self.failures.hang_s}s"
+            )
+        raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: injected crash")
+
+
+def _sleep(seconds: float) -> None:
+    if seconds > 0.0:
+        time.sleep(seconds)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    )
+
+
+def _vector(text: str, dim: int) -> list[float]:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=64).digest()
+    raw = [(digest[i % 64] + 131 * (i // 64)) % 256 / 127.5 - 1.0 for i in range(dim)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
+def open_backend(spec: ModelSpec, replica: int) -> SimulatedBackend:
+    """Open one simulated context for ``spec``: validate options, honour ``load_s`` and open faults.
+
+    Raises:
+        ConfigError: an option has an invalid value.
+        ModelLoadError: the failure plan says this open fails.
+    """
+    backend = SimulatedBackend(spec, replica)
+    _sleep(_seconds(spec.options, "load_s"))
+    if backend.failures is not None and not backend.failures.next_open():
+        raise ModelLoadError(
+            f"injected load failure (replica {replica})", path=spec.path or spec.name
+        )
+    return backend
