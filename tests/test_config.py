@@ -1,0 +1,253 @@
+"""The TOML config file: the shipped example loads; every invalid input names its key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from zeta import ConfigError, Kind
+from zeta._config import Config, MetricsConfig, load_config, parse_config
+from zeta.testing import model_path
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "zeta.toml"
+
+MINIMAL = """
+[[models]]
+name = "all"
+path = "m.gguf"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "zeta.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ZETA_CACHE_DIR", str(tmp_path))
+    config = load_config(EXAMPLE, make_models=False)
+    assert [m.name for m in config.models] == ["embedder", "coder", "reasoner"]
+    assert config.policy == "dynamic"
+    assert config.mailbox_capacity == 64
+    assert config.metrics == MetricsConfig(enabled=False, host="127.0.0.1", port=9464)
+    assert config.optional == {"reasoner"}
+    coder = config.model("coder")
+    assert coder.preferred == {Kind.SIMPLE, Kind.CODE} and coder.quality == 1
+    assert coder.path == str(model_path("coder"))
+    assert config.model("reasoner").options == {"n_batch": 256}
+    assert config.policy_params == {"spill_penalty": 1.0, "quality_penalty": 0.25}
+    assert config.source == EXAMPLE
+
+
+def test_minimal_config_defaults(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL))
+    (model,) = config.models
+    assert model.path == str(tmp_path / "m.gguf")  # relative to the config file
+    assert model.kinds == frozenset({Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON})
+    assert model.backend == "llama_cpp" and model.replicas == 1
+    assert isinstance(config, Config) and config.policy == "dynamic"
+    assert config.policy_params == {} and not config.metrics.enabled
+
+
+def test_full_model_entry(tmp_path: Path) -> None:
+    config = load_config(
+        _write(
+            tmp_path,
+            """
+            [scheduler]
+            mailbox_capacity = 8
+            kinds = ["code"]
+            [policy]
+            name = "threshold"
+            params = { high = 0.9, low = 0.4 }
+            [metrics]
+            enabled = true
+            port = 0
+            [[models]]
+            name = "gpu"
+            path = "/abs/model.gguf"
+            kinds = ["code", "simple"]
+            preferred = ["code"]
+            quality = 2
+            replicas = 3
+            n_ctx = 4096
+            n_threads = 4
+            n_gpu_layers = -1
+            device = 1
+            options = { n_batch = 128 }
+            """,
+        )
+    )
+    (m,) = config.models
+    assert (m.path, m.quality, m.replicas, m.n_ctx, m.n_threads) == ("/abs/model.gguf", 2, 3,
+                                                                     4096, 4)  # fmt: skip
+    assert (m.n_gpu_layers, m.device, m.options) == (-1, 1, {"n_batch": 128})
+    assert m.preferred == {Kind.CODE}
+    assert config.kinds == {Kind.CODE} and config.mailbox_capacity == 8
+    assert config.policy == "threshold"
+    assert config.policy_params == {"high": 0.9, "low": 0.4}
+    assert config.metrics == MetricsConfig(enabled=True, host="127.0.0.1", port=0)
+
+
+def test_ladder_model_is_generated_and_takes_its_role(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZETA_CACHE_DIR", str(tiny_models["coder-tiny"].parent))
+    config = parse_config(
+        {
+            "scheduler": {"kinds": ["embed", "code"]},
+            "models": [
+                {"name": "e", "ladder": "embedder-tiny"},
+                {"name": "c", "ladder": "coder-tiny", "kinds": ["code", "reason"]},
+            ],
+        }
+    )
+    e, c = config.models
+    assert e.kinds == {Kind.EMBED} and e.path == str(tiny_models["embedder-tiny"])
+    assert c.kinds == {Kind.CODE, Kind.REASON}
+    assert c.preferred == {Kind.CODE}  # the coder role's preferred kinds, narrowed to kinds
+
+
+def test_simulated_models_need_no_path() -> None:
+    config = parse_config(
+        {"models": [{"name": "sim", "backend": "simulated", "options": {"per_token_s": 0.01}}]}
+    )
+    assert config.models[0].path is None
+    assert config.models[0].options == {"per_token_s": 0.01}
+
+
+def test_scheduler_kwargs_split_kernel_and_policy_parameters() -> None:
+    models = [{"name": "m", "backend": "simulated"}]
+    dynamic = parse_config({"policy": {"params": {"spill_penalty": 2}}, "models": models})
+    kwargs = dynamic.scheduler_kwargs()
+    assert kwargs["policy"] == "dynamic" and kwargs["spill_penalty"] == 2.0
+    assert kwargs["mailbox_capacity"] == 64 and [m.name for m in kwargs["models"]] == ["m"]
+    threshold = parse_config(
+        {"policy": {"name": "threshold", "params": {"high": 0.9, "low": 0.2, "tau": 3}},
+         "models": models}
+    )  # fmt: skip
+    kwargs = threshold.scheduler_kwargs()
+    assert kwargs["policy"].name == "threshold" and kwargs["tau"] == 3.0
+    assert "high" not in kwargs
+
+
+@pytest.mark.anyio
+async def test_a_config_starts_a_scheduler_on_llama_cpp(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeta._scheduler import Scheduler
+
+    monkeypatch.setenv("ZETA_CACHE_DIR", str(tiny_models["coder-tiny"].parent))
+    config = parse_config(
+        {
+            "scheduler": {"mailbox_capacity": 4},
+            "policy": {"name": "static"},
+            "models": [
+                {"name": "embedder", "ladder": "embedder-tiny", "n_ctx": 256},
+                {"name": "coder", "ladder": "coder-tiny", "n_ctx": 256},
+                {"name": "reasoner", "ladder": "reasoner-tiny", "n_ctx": 256},
+            ],
+        }
+    )
+    async with Scheduler(**config.scheduler_kwargs()) as zs:
+        code = await zs.complete("def main():", kind=Kind.CODE, max_tokens=5)
+        plan = await zs.complete("think it through", kind=Kind.REASON, max_tokens=5)
+        vectors = await zs.embed(["a", "b"])
+    assert (code.model, code.completion_tokens) == ("coder", 5)
+    assert plan.model == "reasoner" and vectors.model == "embedder"
+    assert len(vectors.vectors) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("colour = 1\n" + MINIMAL, "colour", "unknown key"),
+        ("[scheduler]\nmailbox_capacty = 4\n" + MINIMAL, "scheduler.mailbox_capacty",
+         "did you mean 'mailbox_capacity'"),
+        ("[[models]]\nname = 'a'\npath = 'a.gguf'\nn_ctxx = 5\n", "models[0].n_ctxx",
+         "did you mean 'n_ctx'"),
+        ("[scheduler]\nmailbox_capacity = '64'\n" + MINIMAL, "scheduler.mailbox_capacity",
+         "must be an integer, got a string"),
+        ("[scheduler]\nmailbox_capacity = 0\n" + MINIMAL, "scheduler.mailbox_capacity",
+         "must be >= 1"),
+        ("[scheduler]\nmailbox_capacity = true\n" + MINIMAL, "scheduler.mailbox_capacity",
+         "got a boolean"),
+        ("[metrics]\nport = 70000\n" + MINIMAL, "metrics.port", "between 0 and 65535"),
+        ("[metrics]\nenabled = 'yes'\n" + MINIMAL, "metrics.enabled", "true or false"),
+        ("[policy]\nname = 3\n" + MINIMAL, "policy.name", "non-empty string"),
+        ("[policy.params]\nx = [1, 2]\n" + MINIMAL, "policy.params.x", "number, string or"),
+        ("[policy]\nname = 'fastest'\n" + MINIMAL, "policy.name", "unknown policy 'fastest'"),
+        ("[policy]\nname = 'threshold'\nparams = { hihg = 0.9 }\n" + MINIMAL,
+         "policy.params.hihg", "takes no parameter 'hihg'"),
+        ("[policy]\nname = 'static'\nparams = { high = 0.9 }\n" + MINIMAL,
+         "policy.params.high", "takes no parameter 'high'"),
+        ("[policy]\nname = 'threshold'\nparams = { high = 0.3, low = 0.6 }\n" + MINIMAL,
+         "policy.params", "low < high"),
+        ("[policy.params]\nspill_penalty = -1\n" + MINIMAL, "policy.params.spill_penalty",
+         "number >= 0"),
+        ("[policy.params]\ntau = 'slow'\n" + MINIMAL, "policy.params.tau", "number >= 0"),
+        ("policy = 'dynamic'\n" + MINIMAL, "policy", "must be a table"),
+        ("[scheduler]\n", "models", "no models configured"),
+        ("models = []\n", "models", "non-empty array"),
+        ("[models]\nname = 'a'\n", "models", "non-empty array"),
+        ("[[models]]\npath = 'a.gguf'\n", "models[0].name", "every model needs a name"),
+        ("[[models]]\nname = 'a'\n", "models[0].path", "give path"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nladder = 'coder'\n", "models[0].path",
+         "not both"),
+        ("[[models]]\nname = 'a'\nladder = 'giant'\n", "models[0].ladder", "unknown ladder"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nseed = 1\n", "models[0].seed", "ladder models only"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nbackend = 'vllm'\n", "models[0].backend",
+         "unknown backend"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = 'code'\n", "models[0].kinds",
+         "array of kinds"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = ['code', 'poetry']\n", "models[0].kinds",
+         "unknown kind 'poetry'"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = ['auto']\n", "models[0].kinds",
+         "not one a model serves"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = []\n", "models[0].kinds",
+         "at least one kind"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = ['code']\npreferred = ['embed']\n",
+         "models[0].preferred", "not served"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nreplicas = 0\n", "models[0].replicas", ">= 1"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nn_gpu_layers = -2\n", "models[0].n_gpu_layers",
+         ">= -1"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nn_ctx = 1.5\n", "models[0].n_ctx", "got a float"),
+        ("[[models]]\nname = 'a'\npath = 'a'\noptions = 3\n", "models[0].options",
+         "must be a table"),
+        ("[[models]]\nname = 'a'\npath = 'a'\n[[models]]\nname = 'a'\npath = 'b'\n",
+         "models[1].name", "duplicate model name 'a' (also models[0])"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = ['code', 'simple', 'reason']\n", "models",
+         "no model serves kind 'embed'"),
+        ("[scheduler]\nkinds = ['code']\n[[models]]\nname = 'a'\npath = 'a'\nkinds = ['code']\n"
+         "optional = true\n", "models", "every model that serves kind 'code' is optional"),
+    ],
+)  # fmt: skip
+def test_invalid_config_names_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), make_models=False)
+    assert info.value.key == key
+    assert problem in str(info.value)
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_file_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[models]\nname = 'a'\n")
+    with pytest.raises(ConfigError, match=r"invalid TOML.*line 1"):
+        load_config(bad)
+    bad.write_bytes(b"name = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+    # TOML itself refuses a key given twice; the message still says where.
+    bad.write_text("[scheduler]\nmailbox_capacity = 1\nmailbox_capacity = 2\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)

@@ -1,0 +1,433 @@
+"""The llama.cpp backend on real tiny GGUF models: completion, streaming, stop strings,
+embeddings, token counting, the log bridge and bad model files."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+from zeta import BackendError, InvalidRequestError, Kind, ModelLoadError, ModelSpec
+from zeta.backends import CompletionParams, get_backend
+from zeta.backends.llama_cpp import LlamaCppBackend, _held_back, check_model_file, open_backend
+from zeta.testing import LadderModel, make_model
+
+pytest.importorskip("llama_cpp")
+
+PROMPT = "def main(): return the answer"
+
+
+def _spec(path: Path, **kw: Any) -> ModelSpec:
+    kw.setdefault("kinds", frozenset({Kind.SIMPLE, Kind.CODE, Kind.REASON}))
+    return ModelSpec(name=kw.pop("name", "m"), path=str(path), n_ctx=kw.pop("n_ctx", 256), **kw)
+
+
+@pytest.fixture
+def coder(tiny_models: dict[str, Path]) -> Iterator[LlamaCppBackend]:
+    backend = open_backend(_spec(tiny_models["coder-tiny"]), 0)
+    yield backend
+    backend.close()
+
+
+# -- completion -----------------------------------------------------------------------------
+
+
+def test_complete_runs_exactly_to_max_tokens(coder: LlamaCppBackend) -> None:
+    result = coder.complete(CompletionParams(PROMPT, max_tokens=12))
+    assert result.completion_tokens == 12
+    assert result.finish_reason == "length"
+    assert result.prompt_tokens == coder.count_tokens(PROMPT) + 1  # plus <s>
+    assert result.text.strip()
+    assert 0.0 < result.first_token_s <= result.service_s
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(
+    coder: LlamaCppBackend,
+) -> None:
+    greedy = [coder.complete(CompletionParams(PROMPT, max_tokens=16)).text for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    sampled = {
+        seed: [
+            coder.complete(CompletionParams(PROMPT, max_tokens=16, temperature=1.0, seed=seed))
+            for _ in range(2)
+        ]
+        for seed in (1, 2, 3)
+    }
+    for runs in sampled.values():
+        assert runs[0].text == runs[1].text
+        assert runs[0].completion_tokens == 16  # no early end-of-sequence when sampling either
+    assert len({runs[0].text for runs in sampled.values()}) > 1
+
+
+def test_stream_pieces_join_to_the_text(coder: LlamaCppBackend) -> None:
+    pieces: list[str] = []
+    result = coder.complete(CompletionParams(PROMPT, max_tokens=10), pieces.append)
+    assert "".join(pieces) == result.text
+    assert all(pieces) and len(pieces) == 10
+
+
+def test_on_token_false_stops_and_leaves_the_context_usable(
+    coder: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    pieces: list[str] = []
+    stopped = coder.complete(
+        CompletionParams(PROMPT, max_tokens=50), lambda p: pieces.append(p) or len(pieces) < 3
+    )
+    assert stopped.finish_reason == "cancelled"
+    assert stopped.completion_tokens == 3 and stopped.text == "".join(pieces)
+    # The KV cache still holds the abandoned completion; the next request must not see it.
+    after = coder.complete(CompletionParams("another prompt entirely", max_tokens=8))
+    again = coder.complete(CompletionParams(PROMPT, max_tokens=8))
+    fresh = open_backend(_spec(tiny_models["coder-tiny"]), 1)
+    try:
+        assert after.text == fresh.complete(CompletionParams("another prompt entirely", 8)).text
+        assert again.text == fresh.complete(CompletionParams(PROMPT, max_tokens=8)).text
+    finally:
+        fresh.close()
+
+
+def test_shared_prefix_reuses_the_cache_without_changing_results(
+    coder: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    long = PROMPT + " because the value of the model is data"
+    coder.complete(CompletionParams(PROMPT, max_tokens=4))
+    reused = coder.complete(CompletionParams(long, max_tokens=8))
+    same = coder.complete(CompletionParams(long, max_tokens=8))  # fully cached prompt
+    fresh = open_backend(_spec(tiny_models["coder-tiny"]), 1)
+    try:
+        expected = fresh.complete(CompletionParams(long, max_tokens=8)).text
+    finally:
+        fresh.close()
+    assert reused.text == same.text == expected
+
+
+def test_stop_string_cuts_the_text_and_is_never_streamed(coder: LlamaCppBackend) -> None:
+    full = coder.complete(CompletionParams(PROMPT, max_tokens=24)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    pieces: list[str] = []
+    result = coder.complete(CompletionParams(PROMPT, max_tokens=24, stop=(stop,)), pieces.append)
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)]
+    assert "".join(pieces) == result.text
+    assert result.completion_tokens < 24
+
+
+def test_stop_string_never_seen_changes_nothing(coder: LlamaCppBackend) -> None:
+    full = coder.complete(CompletionParams(PROMPT, max_tokens=16))
+    pieces: list[str] = []
+    result = coder.complete(
+        CompletionParams(PROMPT, max_tokens=16, stop=("\x00never",)), pieces.append
+    )
+    assert result.text == full.text == "".join(pieces)
+    assert result.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "held"),
+    [("abc", ("cd",), 1), ("abc", ("xbcd",), 0), ("abc", ("bcx", "cy"), 2), ("", ("a",), 0),
+     ("abc", ("abcd",), 3), ("aaa", ("aab",), 2)],
+)  # fmt: skip
+def test_held_back_is_longest_suffix_that_starts_a_stop(
+    text: str, stops: tuple[str, ...], held: int
+) -> None:
+    assert _held_back(text, stops, max(len(s) for s in stops)) == held
+
+
+def test_multibyte_output_counts_tokens_not_characters(tmp_path: Path) -> None:
+    # A model allowed to emit raw byte tokens produces characters split across tokens.
+    model = LadderModel("bytes-tiny", "coder", n_embd=64, n_layer=1, n_head=2, n_ff=128,
+                        byte_output=True)  # fmt: skip
+    backend = open_backend(_spec(make_model(model, directory=tmp_path)), 0)
+    split_seen = False
+    try:
+        for seed in range(4):
+            pieces: list[str] = []
+            params = CompletionParams("héllo wörld 日本", max_tokens=40, temperature=1.0, seed=seed)
+            result = backend.complete(params, pieces.append)
+            assert result.completion_tokens == 40  # tokens, however many characters they made
+            assert "".join(pieces) == result.text
+            # A token that ends mid-character yields no piece until the character is whole.
+            split_seen |= len(pieces) < 40 and any(ord(c) > 127 for c in result.text)
+    finally:
+        backend.close()
+    assert split_seen
+
+
+def test_prompt_too_long_for_the_context(tiny_models: dict[str, Path]) -> None:
+    backend = open_backend(_spec(tiny_models["coder-tiny"], n_ctx=32), 0)
+    try:
+        n_ctx = backend.n_ctx  # llama.cpp rounds the context up (to 256 here)
+        assert n_ctx >= 32
+        with pytest.raises(InvalidRequestError, match=f"context of {n_ctx}"):
+            backend.complete(CompletionParams("word " * n_ctx, max_tokens=4))
+        # max_tokens beyond the context is cut to what fits, not an error
+        result = backend.complete(CompletionParams("x", max_tokens=n_ctx + 100))
+        assert result.completion_tokens == n_ctx - result.prompt_tokens
+    finally:
+        backend.close()
+
+
+# -- embeddings and token counting ----------------------------------------------------------
+
+
+def test_embed_returns_one_unit_vector_per_text(tiny_models: dict[str, Path]) -> None:
+    spec = _spec(tiny_models["embedder-tiny"], kinds=frozenset({Kind.EMBED}))
+    backend = open_backend(spec, 0)
+    try:
+        result = backend.embed(["hello world", "def main", "hello world"])
+        assert len(result.vectors) == 3
+        assert {len(v) for v in result.vectors} == {backend.n_embd}
+        for v in result.vectors:
+            assert math.isclose(math.fsum(x * x for x in v), 1.0, rel_tol=1e-5)
+        assert result.vectors[0] == result.vectors[2]
+        assert result.vectors[0] != result.vectors[1]
+        assert result.prompt_tokens == sum(backend.count_tokens(t) + 1 for t in ["hello world",
+                                           "def main", "hello world"])  # fmt: skip
+        assert backend.embed([]).vectors == []
+        with pytest.raises(InvalidRequestError, match="embeddings only"):
+            backend.complete(CompletionParams("hi", max_tokens=2))
+    finally:
+        backend.close()
+
+
+def test_one_context_serves_completions_and_embeddings(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["embedder-tiny"]
+    only = open_backend(_spec(path, kinds=frozenset({Kind.EMBED})), 0)
+    mixed = open_backend(_spec(path, kinds=frozenset({Kind.EMBED, Kind.SIMPLE})), 0)
+    try:
+        before = mixed.complete(CompletionParams(PROMPT, max_tokens=8)).text
+        vectors = mixed.embed(["some text", "more"]).vectors
+        expected = only.embed(["some text", "more"]).vectors
+        assert np.allclose(np.array(vectors), np.array(expected), atol=1e-5)
+        assert mixed.complete(CompletionParams(PROMPT, max_tokens=8)).text == before
+    finally:
+        only.close()
+        mixed.close()
+
+
+def test_model_without_pooling_is_mean_pooled_here(tiny_models: dict[str, Path]) -> None:
+    path, texts = tiny_models["embedder-tiny"], ["hello world the model", "x"]
+    pooled = open_backend(_spec(path, kinds=frozenset({Kind.EMBED})), 0)
+    unpooled = open_backend(
+        _spec(path, kinds=frozenset({Kind.EMBED}), options={"pooling": "none"}), 0
+    )
+    try:
+        assert unpooled.pooling == 0 and pooled.pooling == 1
+        ours, llamas = unpooled.embed(texts).vectors, pooled.embed(texts).vectors
+        assert np.allclose(np.array(ours), np.array(llamas), atol=1e-5)
+    finally:
+        pooled.close()
+        unpooled.close()
+
+
+def test_count_tokens_uses_byte_fallback(coder: LlamaCppBackend) -> None:
+    assert coder.count_tokens("") == 0
+    assert coder.count_tokens("def") == 1  # "▁def" is one piece
+    assert coder.count_tokens("x") == 2  # "▁" (the SentencePiece space prefix) and "x"
+    assert coder.count_tokens("日本") == 1 + 6  # "▁", then no pieces: three bytes each
+
+
+# -- threading, lifecycle, logging ----------------------------------------------------------
+
+
+def test_second_thread_entering_gets_an_error_not_an_abort(coder: LlamaCppBackend) -> None:
+    errors: list[BaseException] = []
+
+    def meanwhile(piece: str) -> bool:
+        def other() -> None:
+            try:
+                coder.count_tokens("def")
+            except BackendError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        return False
+
+    coder.complete(CompletionParams(PROMPT, max_tokens=4), meanwhile)
+    assert len(errors) == 1 and "two threads" in str(errors[0])
+    assert coder.count_tokens("def") == 1  # the lock was released
+
+
+def test_close_is_idempotent_and_later_calls_fail(tiny_models: dict[str, Path]) -> None:
+    backend = open_backend(_spec(tiny_models["coder-tiny"]), 0)
+    backend.close()
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.complete(CompletionParams("x", max_tokens=1))
+
+
+def test_llama_cpp_log_goes_to_python_logging(
+    tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="zeta.backends.llama_cpp.native"):
+        open_backend(_spec(tiny_models["coder-tiny"]), 0).close()
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith(".native")]
+    assert any("llama_model_loader" in line for line in lines)
+    assert all("\n" not in line and line for line in lines)
+
+
+def test_nothing_reaches_stderr(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """llama.cpp prints hundreds of lines while loading; none may reach the terminal."""
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(tiny_models["coder-tiny"].read_bytes()[:-100])
+    code = f"""
+from zeta import ModelSpec, ModelLoadError
+from zeta.backends import CompletionParams, get_backend
+open_backend = get_backend("llama_cpp")
+b = open_backend(ModelSpec("m", path={str(tiny_models["coder-tiny"])!r}), 0)
+b.complete(CompletionParams("hello", max_tokens=4)); b.embed(["x"]); b.close()
+try:
+    open_backend(ModelSpec("m", path={str(bad)!r}), 0)
+except ModelLoadError as exc:
+    print("refused", exc)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stderr == ""
+    assert "refused" in proc.stdout and "not within the file bounds" in proc.stdout
+
+
+# -- bad model files ------------------------------------------------------------------------
+
+
+def _bad_files(tmp: Path, good: bytes) -> dict[str, Path]:
+    files = {
+        "missing": (tmp / "missing.gguf", None),
+        "directory": (tmp, None),
+        "empty": (tmp / "empty.gguf", b""),
+        "wrong magic": (tmp / "magic.gguf", b"GGML" + good[4:]),
+        "header cut": (tmp / "header.gguf", good[:10]),
+        "bad version": (tmp / "version.gguf", good[:4] + (99).to_bytes(4, "little") + good[8:]),
+        "metadata cut": (tmp / "meta.gguf", good[:300]),
+        "tensor data cut": (tmp / "data.gguf", good[: len(good) // 2]),
+        "last byte cut": (tmp / "last.gguf", good[:-1]),
+    }
+    for path, data in files.values():
+        if data is not None:
+            path.write_bytes(data)
+    return {name: path for name, (path, _) in files.items()}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [("missing", "no such file"), ("directory", "is a directory"), ("empty", "empty"),
+     ("wrong magic", "not a GGUF file"), ("header cut", "truncated"),
+     ("bad version", "unsupported GGUF version"), ("metadata cut", "llama.cpp could not load"),
+     ("tensor data cut", "not within the file bounds"),
+     ("last byte cut", "not within the file bounds")],
+)  # fmt: skip
+def test_bad_model_file_is_a_model_load_error_naming_it(
+    case: str, message: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    path = _bad_files(tmp_path, tiny_models["coder-tiny"].read_bytes())[case]
+    with pytest.raises(ModelLoadError, match=message) as info:
+        get_backend("llama_cpp")(_spec(path), 0)
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value)
+
+
+def test_header_check_runs_before_llama_cpp(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    assert check_model_file(tiny_models["coder-tiny"]) == tiny_models["coder-tiny"]
+    with pytest.raises(ModelLoadError, match="no model file"):
+        check_model_file(None)
+    (tmp_path / "x.gguf").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        check_model_file(tmp_path / "x.gguf")
+
+
+def test_bad_backend_options_are_config_errors(tiny_models: dict[str, Path]) -> None:
+    from zeta import ConfigError
+
+    with pytest.raises(ConfigError, match=r"options\.top_k"):
+        open_backend(_spec(tiny_models["coder-tiny"], options={"top_k": "many"}), 0)
+    with pytest.raises(ConfigError, match=r"options\.top_p: must be float in \[0.0, 1.0\]"):
+        open_backend(_spec(tiny_models["coder-tiny"], options={"top_p": 2}), 0)
+    with pytest.raises(ConfigError, match=r"options\.use_mmap"):
+        open_backend(_spec(tiny_models["coder-tiny"], options={"use_mmap": 1}), 0)
+    with pytest.raises(ConfigError, match="unknown pooling"):
+        open_backend(_spec(tiny_models["coder-tiny"], options={"pooling": "max"}), 0)
+
+
+# -- through the scheduler ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_many_concurrent_requests_to_one_context_are_serialised(
+    tiny_models: dict[str, Path],
+) -> None:
+    """Forty requests at once on one llama.cpp context: all answered, none corrupted."""
+    from zeta._scheduler import Scheduler
+
+    prompts = [f"{PROMPT} {i} " + "value " * (i % 7) for i in range(40)]
+    reference = open_backend(_spec(tiny_models["coder-tiny"]), 9)
+    try:
+        expected = [reference.complete(CompletionParams(p, max_tokens=6)).text for p in prompts]
+    finally:
+        reference.close()
+    results: dict[int, Any] = {}
+    async with Scheduler(models=[_spec(tiny_models["coder-tiny"])], policy="dynamic") as zs:
+
+        async def one(i: int) -> None:
+            results[i] = await zs.complete(prompts[i], kind=Kind.CODE, max_tokens=6)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(one, i)
+        (snap,) = zs.snapshot().models
+    assert [results[i].text for i in range(len(prompts))] == expected
+    assert all(r.completion_tokens == 6 and r.finish_reason == "length" for r in results.values())
+    assert snap.completed >= len(prompts) and snap.failed == 0 and snap.restarts == 0
+
+
+@pytest.mark.anyio
+async def test_leaving_a_stream_early_frees_the_context(tiny_models: dict[str, Path]) -> None:
+    from zeta._scheduler import Scheduler
+    from zeta.telemetry import Outcome
+
+    spec = _spec(tiny_models["coder-tiny"])
+    reference = open_backend(spec, 9)
+    try:
+        expected = reference.complete(CompletionParams("next one", max_tokens=8)).text
+    finally:
+        reference.close()
+    async with Scheduler(models=[spec], policy="dynamic") as zs:
+        pieces: list[str] = []
+        async with zs.stream(PROMPT, kind=Kind.CODE, max_tokens=200) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+                if len(pieces) == 3:
+                    break
+        # The only context is free again and its cache holds nothing the next request sees.
+        after = await zs.complete("next one", kind=Kind.CODE, max_tokens=8)
+        requests = zs.recorder.snapshot().requests
+    assert len(pieces) == 3
+    assert after.text == expected and after.completion_tokens == 8
+    assert requests.get(("m", "code", Outcome.CANCELLED.value)) == 1
+    assert requests.get(("m", "code", Outcome.OK.value)) == 1
+
+
+@pytest.mark.anyio
+async def test_scheduler_refuses_to_start_on_a_bad_model_file(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from zeta._scheduler import Scheduler
+
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(tiny_models["reasoner-tiny"].read_bytes()[:5000])
+    models = [_spec(tiny_models["coder-tiny"], name="ok"), _spec(bad, name="broken")]
+    with pytest.raises(ModelLoadError) as info:
+        async with Scheduler(models=models):
+            pytest.fail("started without its model")  # pragma: no cover
+    assert info.value.path == str(bad)

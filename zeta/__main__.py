@@ -1,0 +1,147 @@
+"""zeta's command line: ``zeta demo``, ``zeta models make|list``, ``zeta config check FILE``.
+
+Also runs as ``python -m zeta``. Heavy imports (llama.cpp, rich, the scheduler) happen inside the
+subcommand that needs them, so ``zeta --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from ._exceptions import ConfigError, ZetaError
+
+
+def _models_make(args: argparse.Namespace) -> int:
+    from .testing import _ladder
+
+    names = args.names or [n for n in _ladder.LADDER if args.tiny or not n.endswith("-tiny")]
+    for name in names:
+        path = _ladder.make_model(name, seed=args.seed, directory=args.dir, force=args.force)
+        m = _ladder.LADDER[name]
+        size = path.stat().st_size / 1e6
+        print(f"{name:14s} {m.n_params / 1e6:6.1f}M params {size:7.1f} MB  {path}")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from .testing import _ladder
+
+    for name, m in _ladder.LADDER.items():
+        path = _ladder.model_path(name, seed=args.seed, directory=args.dir)
+        state = "cached" if path.is_file() else "not generated"
+        print(f"{name:14s} {m.role:9s} {m.n_params / 1e6:6.1f}M params  {state:13s} {path}")
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from ._config import load_config
+
+    config = load_config(args.file, make_models=False)
+    print(f"{args.file}: ok, policy {config.policy!r}, {len(config.models)} models")
+    for m in config.models:
+        kinds = ",".join(sorted(k.value for k in m.kinds))
+        optional = " (optional)" if m.name in config.optional else ""
+        print(f"  {m.name}: {kinds} x{m.replicas} {m.path or m.backend}{optional}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._config import KERNEL_PARAMS
+    from ._demo import DEMO_SCHEDULER_OPTIONS, DemoOptions, run_demo
+
+    scheduler_options: dict[str, object] = dict(DEMO_SCHEDULER_OPTIONS)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        try:
+            scheduler_options[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or key.strip() not in KERNEL_PARAMS:
+            raise ConfigError(
+                f"--set takes KEY=NUMBER with KEY one of {sorted(KERNEL_PARAMS)}, got {item!r}"
+            )
+    options = DemoOptions(
+        duration_s=args.duration,
+        seed=args.seed,
+        policies=tuple(args.policies.split(",")),
+        live=not args.no_live,
+        directory=args.dir,
+        tiny=args.tiny,
+        scheduler_options=scheduler_options,
+    )
+    report = run_demo(options)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zeta`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="zeta", description="Load-aware scheduling of LLM requests across local models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a bursty agent workload on three generated models, static vs dynamic routing",
+    )
+    demo.add_argument("--duration", type=float, default=40.0, help="seconds in all (default 40)")
+    demo.add_argument("--seed", type=int, default=0, help="workload and model seed (default 0)")
+    demo.add_argument(
+        "--policies", default="static,dynamic", help="policies to compare (default static,dynamic)"
+    )
+    demo.add_argument("--json", action="store_true", help="print the results as JSON, last")
+    demo.add_argument("--no-live", action="store_true", help="no live progress display")
+    demo.add_argument("--dir", default=None, help="model cache directory")
+    demo.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=NUMBER",
+        help="scheduler kernel parameter for every policy, e.g. spill_penalty=0.5 (repeatable)",
+    )
+    demo.add_argument(
+        "--tiny", action="store_true", help="use the tiny test models (fast, small contrast)"
+    )
+    demo.set_defaults(func=_demo)
+
+    models = sub.add_parser("models", help="the generated model ladder")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    make = msub.add_parser("make", help="generate ladder models (cached; skips existing files)")
+    make.add_argument("names", nargs="*", help="models to make (default: the three roles)")
+    make.add_argument("--tiny", action="store_true", help="also the *-tiny test models")
+    make.add_argument("--force", action="store_true", help="regenerate even if cached")
+    list_ = msub.add_parser("list", help="list ladder models and whether they are cached")
+    for p in (make, list_):
+        p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+        p.add_argument("--dir", default=None, help="cache directory (default: user cache)")
+    make.set_defaults(func=_models_make)
+    list_.set_defaults(func=_models_list)
+
+    config = sub.add_parser("config", help="configuration files")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = csub.add_parser("check", help="validate a TOML config file")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``zeta`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except ZetaError as exc:
+        print(f"zeta: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
