@@ -11,6 +11,7 @@ from zeta.telemetry import (
     BusyFractionSampler,
     DeviceReading,
     DeviceSampler,
+    HostCpuSampler,
     NvmlDevices,
     ProcessSampler,
 )
@@ -64,7 +65,9 @@ def test_device_sampler_maps_each_gpu_actor_to_its_device(fake_nvml: Any, make_a
 
 
 def test_cpu_actors_get_busy_fraction_beside_gpu_actors(fake_nvml: Any, make_actor: Any) -> None:
-    sampler = DeviceSampler(gpus=NvmlDevices(two_gpus(fake_nvml), env={}))
+    sampler = DeviceSampler(
+        gpus=NvmlDevices(two_gpus(fake_nvml), env={}), cpu=BusyFractionSampler()
+    )
     first = [
         make_actor("gpu", device=1, busy_s=0.0),
         make_actor("cpu", busy_s=5.0, utilisation=0.3),
@@ -78,7 +81,7 @@ def test_cpu_actors_get_busy_fraction_beside_gpu_actors(fake_nvml: Any, make_act
 
 def test_cpu_only_setup_never_initialises_nvml(fake_nvml: Any, make_actor: Any) -> None:
     nvml = two_gpus(fake_nvml)
-    sampler = DeviceSampler(gpus=NvmlDevices(nvml, env={}))
+    sampler = DeviceSampler(gpus=NvmlDevices(nvml, env={}), cpu=BusyFractionSampler())
     sampler.sample([make_actor("a", busy_s=0.0)], 1.0)
     assert sampler.sample([make_actor("a", busy_s=0.5)], 2.0) == pytest.approx([0.5])
     assert nvml.init_calls == 0
@@ -102,7 +105,7 @@ def test_without_nvml_falls_back_to_busy_fraction_with_one_warning(
         "import": ImportError("No module named 'pynvml'"),
     }[error]
     nvml = fake_nvml([{"util": [50], "used": 0, "total": 1}], init_error=exc)
-    sampler = DeviceSampler(gpus=NvmlDevices(nvml, env={}))
+    sampler = DeviceSampler(gpus=NvmlDevices(nvml, env={}), cpu=BusyFractionSampler())
     for t in range(1, 6):
         actors = [make_actor("gpu", device=0, busy_s=0.25 * t), make_actor("cpu", busy_s=0.5 * t)]
         readings = sampler.sample(actors, float(t))
@@ -121,7 +124,7 @@ def test_real_pynvml_without_a_driver_falls_back(
     pytest.importorskip("pynvml")
     devices = NvmlDevices()
     try:
-        sampler = DeviceSampler(gpus=devices)
+        sampler = DeviceSampler(gpus=devices, cpu=BusyFractionSampler())
         out = sampler.sample([make_actor("gpu", device=0, utilisation=0.2)], 1.0)
         if devices.available:
             assert 0.0 <= out[0] <= 1.0
@@ -136,7 +139,9 @@ def test_real_pynvml_without_a_driver_falls_back(
 def test_failing_device_falls_back_with_one_warning(
     fake_nvml: Any, make_actor: Any, captured_logs: list[dict[str, Any]]
 ) -> None:
-    sampler = DeviceSampler(gpus=NvmlDevices(two_gpus(fake_nvml, fail_reads=[1]), env={}))
+    sampler = DeviceSampler(
+        gpus=NvmlDevices(two_gpus(fake_nvml, fail_reads=[1]), env={}), cpu=BusyFractionSampler()
+    )
     for t in (1.0, 2.0, 3.0):
         out = sampler.sample(
             [make_actor("a", device=0), make_actor("b", device=1, busy_s=t, utilisation=0.6)], t
@@ -150,7 +155,9 @@ def test_failing_device_falls_back_with_one_warning(
 def test_actor_on_an_unknown_device_falls_back_with_one_warning(
     fake_nvml: Any, make_actor: Any, captured_logs: list[dict[str, Any]]
 ) -> None:
-    sampler = DeviceSampler(gpus=NvmlDevices(two_gpus(fake_nvml), env={}))
+    sampler = DeviceSampler(
+        gpus=NvmlDevices(two_gpus(fake_nvml), env={}), cpu=BusyFractionSampler()
+    )
     for t in (1.0, 2.0):
         out = sampler.sample([make_actor("typo", device=7, busy_s=0.5 * t)], t)
     assert out == [0.5]
@@ -173,6 +180,38 @@ def test_visible_devices_parsing() -> None:
     assert visible_devices({"CUDA_VISIBLE_DEVICES": "0, 2"}) == ["0", "2"]
     assert visible_devices({"CUDA_VISIBLE_DEVICES": "1,-1,0"}) == ["1"]  # CUDA stops at -1
     assert visible_devices({"CUDA_VISIBLE_DEVICES": "MIG-x"}) == ["MIG-x"]
+
+
+def test_host_cpu_sampler_gives_every_actor_the_hosts_reading(make_actor: Any) -> None:
+    """CPU models share one device: each gets the host's utilisation over the last interval."""
+    script = iter([(10.0, 40.0), (13.0, 44.0), (13.0, 48.0)])  # (busy, total) cpu-seconds
+    s = HostCpuSampler(cpu_times=lambda: next(script))
+    actors = [make_actor("coder", busy_s=9.0), make_actor("reasoner", busy_s=0.0)]
+    assert s.sample(actors, 1.0) == [0.0, 0.0]  # no interval yet
+    assert s.sample(actors, 2.0) == pytest.approx([0.75, 0.75])  # 3 of 4 core-seconds busy
+    assert s.sample(actors, 3.0) == pytest.approx([0.0, 0.0])
+
+
+def test_default_cpu_signal_is_the_hosts_not_the_actors_own(make_actor: Any) -> None:
+    """A busy CPU model must not look slower than an idle one on the same cores.
+
+    Its own busyness is already in its queue term; counting it again as contention made the
+    router spill most of a burst onto a 4x slower model.
+    """
+    sampler = DeviceSampler(gpus=NvmlDevices(None, env={}))
+    busy, idle = make_actor("coder", busy_s=0.0), make_actor("reasoner", busy_s=0.0)
+    sampler.sample([busy, idle], 1.0)
+    a, b = sampler.sample([make_actor("coder", busy_s=1.0), idle], 2.0)
+    assert a == b
+    assert 0.0 <= a <= 1.0
+
+
+def test_real_host_cpu_reading_is_a_fraction(make_actor: Any) -> None:
+    s = HostCpuSampler()
+    s.sample([make_actor("a")], 0.0)
+    sum(i * i for i in range(300_000))
+    (u,) = s.sample([make_actor("a")], 1.0)
+    assert 0.0 < u <= 1.0
 
 
 def test_busy_fraction_is_clamped_and_per_replica(make_actor: Any) -> None:

@@ -24,6 +24,7 @@ from ._recorder import RecorderSnapshot as RecorderSnapshot
 from ._samplers import BusyFractionSampler as BusyFractionSampler
 from ._samplers import DeviceSampler as DeviceSampler
 from ._samplers import GpuReader as GpuReader
+from ._samplers import HostCpuSampler as HostCpuSampler
 from ._samplers import ProcessReading as ProcessReading
 from ._samplers import ProcessSampler as ProcessSampler
 from ._samplers import UtilisationSampler as UtilisationSampler
@@ -61,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = (
     "BusyFractionSampler",
+    "HostCpuSampler",
     "DEFAULT_METRICS_HOST",
     "DEFAULT_METRICS_PORT",
     "DeviceReading",

@@ -94,7 +94,7 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge", "Peak-EWMA estimate of the per-token service time.", ("model", "replica"),
     ),
     "zeta_actor_utilisation_ratio": (
-        "gauge", "Utilisation the router sees: the device's for GPU models, busy fraction on CPU.",
+        "gauge", "Utilisation the router sees: the device's (NVML for GPU models, host CPU for CPU models).",
         ("model", "replica"),
     ),
     "zeta_actor_busy_seconds": (

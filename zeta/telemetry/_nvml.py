@@ -92,7 +92,7 @@ class NvmlDevices:
             log.warning(
                 "nvml_unavailable",
                 error=f"{type(exc).__name__}: {exc}",
-                fallback="busy fraction for every model",
+                fallback="host CPU utilisation for every model",
             )
             return
         self._nvml = nvml
