@@ -21,9 +21,44 @@ from ._ladder import make_ladder as make_ladder
 from ._ladder import make_model as make_model
 from ._ladder import model_path as model_path
 from ._ladder import write_model as write_model
+from ._replay import LatencyStats as LatencyStats
+from ._replay import ReplayResult as ReplayResult
+from ._replay import ReplaySummary as ReplaySummary
+from ._replay import RequestRecord as RequestRecord
+from ._replay import replay as replay
+from ._replay import summarize as summarize
+from ._replay import warm_up as warm_up
+from ._workloads import Arrival as Arrival
+from ._workloads import agent_fanout as agent_fanout
+from ._workloads import bursty as bursty
+from ._workloads import steady as steady
+
+_STATEFUL = ("SchedulerStateMachine", "scheduler_state_machine")
+
+
+def __getattr__(name: str) -> object:
+    # The state machine needs hypothesis, a test-only dependency: import it on first use.
+    if name in _STATEFUL:
+        from . import _stateful
+
+        return getattr(_stateful, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = (
     "LADDER",
+    "Arrival",
+    "LatencyStats",
+    "ReplayResult",
+    "ReplaySummary",
+    "RequestRecord",
+    "SchedulerStateMachine",
+    "agent_fanout",
+    "bursty",
+    "replay",
+    "scheduler_state_machine",
+    "steady",
+    "summarize",
+    "warm_up",
     "LADDER_VERSION",
     "ROLES",
     "LadderModel",
