@@ -20,6 +20,7 @@ from zeta import (
     Classification,
     CompletionResult,
     DeadlineExceeded,
+    DynamicPolicy,
     InvalidRequestError,
     Kind,
     ModelLoadError,
@@ -304,6 +305,69 @@ async def test_admission_wait_gives_up_with_overloaded() -> None:
                 g.set()
 
 
+class CountingDynamic:
+    """The kernel's decision, counting how often the router asks for one."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def choose(self, request: RouteRequest, table: Any, candidates: Sequence[Any]) -> int | None:
+        self.calls += 1
+        return DynamicPolicy().choose(request, table, candidates)
+
+
+async def test_waiting_for_room_admits_in_arrival_order_without_waking_every_waiter() -> None:
+    # Each freed slot must admit the oldest waiter, not wake all of them to race for it: that
+    # costs a routing decision per waiter per slot, quadratic in the number waiting.
+    waiting = 40
+    trace = Trace()
+    policy = CountingDynamic()
+    with gate() as g:
+        async with Scheduler(
+            [sim("m", gate=g, on_call=trace)], policy=policy, mailbox_capacity=1,
+            admission_timeout=None,
+        ) as zs:  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.complete, "running")
+                await wait_until(lambda: busy(zs, "m") == 1)
+                tg.start_soon(zs.complete, "queued")
+                await wait_until(lambda: queued(zs, "m") == 1)
+                for i in range(waiting):
+                    tg.start_soon(zs.complete, f"w{i}")
+                    await anyio.wait_all_tasks_blocked()
+                before = policy.calls
+                g.set()
+    assert trace.prompts == ["running", "queued", *(f"w{i}" for i in range(waiting))]
+    assert policy.calls - before <= 2 * waiting
+
+
+async def test_waiters_of_one_kind_do_not_hold_up_another_kind() -> None:
+    trace = Trace()
+    with gate() as code_gate, gate() as reason_gate:
+        specs = [
+            sim("coder", kinds=("simple", "code"), gate=code_gate, on_call=trace),
+            sim("reasoner", kinds=("reason",), gate=reason_gate, on_call=trace),
+        ]
+        async with Scheduler(specs, mailbox_capacity=1, admission_timeout=None) as zs:
+            async with anyio.create_task_group() as tg:
+                for model, kind in (("coder", "code"), ("reasoner", "reason")):
+                    tg.start_soon(lambda k=kind: zs.complete(f"{k}-running", kind=k))
+                    await wait_until(lambda m=model: busy(zs, m) == 1)
+                    tg.start_soon(lambda k=kind: zs.complete(f"{k}-queued", kind=k))
+                    await wait_until(lambda m=model: queued(zs, m) == 1)
+                tg.start_soon(lambda: zs.complete("code-waiting", kind="code"))
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(lambda: zs.complete("reason-waiting", kind="reason"))
+                await anyio.wait_all_tasks_blocked()
+                reason_gate.set()  # only the reasoner frees room; the older code waiter stays
+                await wait_until(lambda: "reason-waiting" in trace.prompts)
+                assert "code-waiting" not in trace.prompts
+                code_gate.set()
+    assert "code-waiting" in trace.prompts
+
+
 # -- deadlines ------------------------------------------------------------------------------------
 async def test_a_request_whose_deadline_passes_in_the_queue_never_runs() -> None:
     trace = Trace()
@@ -431,7 +495,10 @@ async def test_shutdown_fails_queued_requests_and_bounds_running_ones() -> None:
     outcomes: list[str] = []
     with gate() as g:
         async with anyio.create_task_group() as tg:
-            sched = Scheduler([sim("m", gate=g)], supervision=Supervision(shutdown_timeout_s=0.05))
+            sched = Scheduler(
+                [sim("m", gate=g)], mailbox_capacity=1, admission_timeout=None,
+                supervision=Supervision(shutdown_timeout_s=0.05),
+            )  # fmt: skip
             zs = await tg.start(sched.run)
 
             async def call(prompt: str) -> None:
@@ -445,8 +512,10 @@ async def test_shutdown_fails_queued_requests_and_bounds_running_ones() -> None:
             await wait_until(lambda: busy(zs, "m") == 1)
             tg.start_soon(call, "queued")
             await wait_until(lambda: queued(zs, "m") == 1)
+            tg.start_soon(call, "waiting for room")
+            await anyio.wait_all_tasks_blocked()
             await zs.aclose()  # the running call never returns in time
-        assert sorted(outcomes) == ["closed", "closed"]
+        assert outcomes == ["closed", "closed", "closed"]
 
 
 async def test_body_exceptions_propagate_unwrapped() -> None:
@@ -462,6 +531,37 @@ async def test_a_model_that_fails_to_load_fails_startup() -> None:
         async with Scheduler(specs):
             pytest.fail("must not start")
     await wait_until(lambda: {t.name for t in threading.enumerate()} <= before)
+
+
+@pytest.mark.parametrize("worker", ["thread", "to_thread"])
+async def test_a_failed_startup_closes_the_contexts_that_did_open_before_raising(
+    worker: str,
+) -> None:
+    # "slow" is still loading when "broken" fails: startup must not raise (and leave the user free
+    # to retry, loading it twice) while a thread of the failed scheduler still loads weights.
+    opened = Opened()
+    specs = [sim("broken", failures=FailurePlan(open_script=["fail"])), sim("slow", load_s=0.1)]
+    with pytest.raises(ModelLoadError):
+        async with Scheduler(specs, backend_factory=opened, worker=worker):  # type: ignore[arg-type]
+            pytest.fail("must not start")
+    assert [b.spec.name for b in opened.backends] == ["slow"]
+    assert opened.backends[0]._closed
+
+
+@pytest.mark.parametrize("worker", ["thread", "to_thread"])
+async def test_cancelling_startup_neither_hangs_nor_leaves_a_context_open(worker: str) -> None:
+    opened = Opened()
+    patient = Supervision(shutdown_timeout_s=60.0)
+    with anyio.fail_after(10):  # not a timing: a hang would wait out the 60 s shutdown timeout
+        with anyio.move_on_after(0.02) as scope:
+            async with Scheduler(
+                [sim("slow", load_s=0.2)], backend_factory=opened, supervision=patient,
+                worker=worker,  # type: ignore[arg-type]
+            ):  # fmt: skip
+                pytest.fail("must not start")
+    assert scope.cancelled_caught
+    if worker == "thread":  # the pool's abandoned thread finishes loading on its own
+        assert [b._closed for b in opened.backends] == [True]
 
 
 async def test_a_scheduler_runs_once() -> None:

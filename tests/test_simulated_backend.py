@@ -11,7 +11,13 @@ import pytest
 from zeta import BackendError, ConfigError, ModelLoadError, ModelSpec
 from zeta.backends import get_backend
 from zeta.backends._base import CompletionParams
-from zeta.backends.simulated import FailurePlan, SimulatedBackend, SimulatedCrash, open_backend
+from zeta.backends.simulated import (
+    TRACE_LEN,
+    FailurePlan,
+    SimulatedBackend,
+    SimulatedCrash,
+    open_backend,
+)
 
 
 def spec(**options: Any) -> ModelSpec:
@@ -79,7 +85,14 @@ def test_gate_and_call_trace() -> None:
     assert t.is_alive() and calls == []
     gate.set()
     t.join()
-    assert calls == [("embed", "x")] and backend.calls == [("embed", "x")]
+    assert calls == [("embed", "x")] and list(backend.calls) == [("embed", "x")]
+
+
+def test_the_call_trace_is_bounded() -> None:
+    backend = open_backend(spec(), 0)
+    for i in range(TRACE_LEN + 5):
+        backend.embed([f"t{i}"])
+    assert len(backend.calls) == TRACE_LEN and backend.calls[-1] == ("embed", f"t{TRACE_LEN + 4}")
 
 
 def test_scripted_failures_span_contexts_and_restarts() -> None:

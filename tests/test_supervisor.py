@@ -20,6 +20,7 @@ from zeta import (
     Scheduler,
     Supervision,
 )
+from zeta.backends._base import Completion, CompletionParams, TokenCallback
 from zeta.backends.simulated import FailurePlan, SimulatedCrash
 
 pytestmark = pytest.mark.anyio
@@ -293,3 +294,123 @@ def test_supervision_settings_are_validated() -> None:
     ):
         with pytest.raises(ConfigError):
             Supervision(**kwargs)  # type: ignore[arg-type]
+
+
+# -- a failed context must not resurrect what already ended ---------------------------------------
+class Trace:
+    """Collects the prompt of every backend call that started, from worker threads."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, op: str, text: str) -> None:
+        with self._lock:
+            self.prompts.append(text)
+
+
+async def test_a_cancelled_running_request_is_not_rerun_when_its_context_then_crashes() -> None:
+    gate = threading.Event()
+    on_a, on_b = Trace(), Trace()
+    try:
+        async with Scheduler(
+            [sim("a", FailurePlan(script=["raise"]), gate=gate, on_call=on_a),
+             sim("b", on_call=on_b)],
+            policy="round_robin",
+            supervision=FAST,
+        ) as zs:  # fmt: skip
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda: zs.complete("left", kind="simple"))
+                    await wait_until(lambda: zs.snapshot().by_model("a")[0].in_flight == 1)
+                    scope.cancel()  # the caller leaves while its call runs on "a"
+            gate.set()  # ... and then the call crashes the context
+            await wait_until(lambda: restarts(zs, "a") == 1)
+            await wait_until(lambda: state(zs, "a") is ActorState.READY)
+            # "b" serves in mailbox order: anything moved to it earlier has run by now.
+            while (await zs.complete("marker", kind="simple")).model != "b":
+                pass
+    finally:
+        gate.set()
+    assert on_a.prompts[0] == "left"
+    assert "left" not in on_b.prompts
+    assert zs.recorder.snapshot().requests[("a", "simple", "cancelled")] == 1
+
+
+async def test_a_hung_call_that_resumes_does_not_feed_the_retried_stream() -> None:
+    # "a" stalls before its first token; the watchdog gives up and the stream is retried on "b".
+    # When "a" later resumes, its tokens must not reach the stream, and it must stop generating.
+    stall, hold_b = threading.Event(), threading.Event()
+    cfg = Supervision(backoff_initial_s=0.001, backoff_max_s=0.01, hang_timeout_s=0.05)
+    factory_calls: list[Any] = []
+    finished: list[tuple[str, Completion]] = []
+
+    def factory(spec: ModelSpec, replica: int) -> Any:
+        from zeta.backends.simulated import open_backend
+
+        backend = open_backend(spec, replica)
+        inner = backend.complete
+
+        def complete(params: CompletionParams, on_token: TokenCallback | None = None) -> Any:
+            result = inner(params, on_token)
+            finished.append((spec.name, result))
+            return result
+
+        backend.complete = complete  # type: ignore[method-assign]
+        factory_calls.append(backend)
+        return backend
+
+    try:
+        async with Scheduler(
+            [sim("a", gate=stall), sim("b", gate=hold_b)],
+            policy="round_robin",
+            supervision=cfg,
+            backend_factory=factory,
+        ) as zs:
+            (first,) = [b for b in factory_calls if b.spec.name == "a"]
+            async with zs.stream("story", kind="simple", max_tokens=50) as stream:
+                pieces: list[str] = []
+
+                async def consume() -> None:
+                    async for piece in stream:
+                        pieces.append(piece)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume)
+                    await wait_until(lambda: zs.snapshot().by_model("b")[0].in_flight == 1)
+                    stall.set()  # "a" wakes up and generates on its abandoned context
+                    await wait_until(lambda: first._closed)  # its call ended, then it closed
+                    hold_b.set()
+            assert stream.result is not None and stream.result.model == "b"
+            assert "".join(pieces) == stream.result.text
+            assert len(pieces) == stream.result.completion_tokens == 50
+        # The resumed call on "a" stopped at its first token instead of generating all 50.
+        ((_, stale),) = [(m, c) for m, c in finished if m == "a"]
+        assert stale.finish_reason == "cancelled" and stale.completion_tokens == 1
+    finally:
+        stall.set()
+        hold_b.set()
+
+
+async def test_a_policy_that_raises_while_retrying_does_not_lose_the_request() -> None:
+    class FirstThenBroken:
+        name = "first-then-broken"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def choose(self, request: Any, table: Any, candidates: Sequence[Any]) -> int | None:
+            self.calls += 1
+            if self.calls > 1:
+                raise KeyError("policy bug")
+            return 0
+
+    async with Scheduler(
+        [sim("a", FailurePlan(script=["raise"])), sim("b")],
+        policy=FirstThenBroken(),
+        supervision=FAST,
+    ) as zs:
+        with anyio.fail_after(10):
+            result = await zs.complete("x", kind="simple")
+        assert result.model == "b"  # the retry fell back to the kernel's choice
+        await wait_until(lambda: state(zs, "a") is ActorState.READY)

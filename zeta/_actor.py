@@ -79,13 +79,16 @@ class LoopHandle:
 class Job(Generic[T]):
     """One call to run on a context's worker; the loop side awaits :meth:`wait`."""
 
-    __slots__ = ("_event", "_handle", "elapsed", "error", "finished", "fn", "returned", "value")
+    __slots__ = (
+        "_event", "_handle", "elapsed", "error", "finished", "fn", "returned", "started", "value",
+    )  # fmt: skip
 
     def __init__(self, fn: Callable[[], T], handle: LoopHandle) -> None:
         self.fn = fn
         self.value: T | None = None
         self.error: BaseException | None = None
         self.elapsed = 0.0
+        self.started = False  # set on the worker thread when the call begins
         self.returned = False  # set on the worker thread when the call is over
         self.finished = False  # set on the loop, after value/error are final
         self._handle = handle
@@ -93,6 +96,7 @@ class Job(Generic[T]):
 
     def run(self) -> None:
         """Run on the worker thread; report back to the loop."""
+        self.started = True
         start = time.perf_counter()
         try:
             self.value = self.fn()
@@ -179,7 +183,12 @@ class ToThreadWorker:
         self._retired = False
 
     async def _run(self, job: Job[Any]) -> None:
-        await anyio.to_thread.run_sync(job.run, limiter=self._limiter, abandon_on_cancel=True)
+        try:
+            await anyio.to_thread.run_sync(job.run, limiter=self._limiter, abandon_on_cancel=True)
+        except BaseException:
+            if not job.started:  # cancelled before it could run: its waiter must not hang
+                job.give_up()
+            raise
 
     def submit(self, fn: Callable[[], T]) -> Job[T]:
         if self._retired:
@@ -327,16 +336,13 @@ class ModelActor:
 
     def drain(self) -> list[Request]:
         """Empty the mailbox (the context died); return the requests, now in state ``NEW``."""
-        items = self.mailbox.drain()
-        for request in items:
-            request.ticket = None
-            request.state = RequestState.NEW
-        self._sync()
-        return items
+        return self._released(self.mailbox.drain())
 
     def close_mailbox(self) -> list[Request]:
         """Refuse further requests; return those still queued, now in state ``NEW``."""
-        items = self.mailbox.close()
+        return self._released(self.mailbox.close())
+
+    def _released(self, items: list[Request]) -> list[Request]:
         for request in items:
             request.ticket = None
             request.state = RequestState.NEW

@@ -1,9 +1,9 @@
 """One request's state as it moves through the scheduler, and the results callers get back.
 
 A :class:`Request` is owned by the event loop. The only fields a worker thread touches are
-``abandoned`` (read: stop generating) and ``streamed``/``progress`` (written by the token
-callback); both are single attribute stores, safe under the GIL, and a stale read costs at most
-one extra token.
+``abandoned``, ``attempts`` and ``state`` (read by the token callback: stop generating) and
+``streamed``/``progress`` (written by it); all are single attribute loads and stores, safe under
+the GIL, and a stale read costs at most one extra token, which the loop side then drops.
 """
 
 from __future__ import annotations
@@ -191,24 +191,39 @@ class Request:
             waiter = self._waiter = self._new_event()
         await waiter.wait()
 
-    def push(self, piece: str) -> None:
-        """Hand one streamed piece to the consumer (called on the event loop)."""
+    def push(self, piece: str, attempt: int) -> None:
+        """Hand one streamed piece of attempt ``attempt`` to the consumer (on the event loop).
+
+        Pieces of an attempt that was given up are dropped: that is checked here, on the loop,
+        because the worker thread's own check can race with the retry.
+        """
         if self.pieces is not None and self.state is not RequestState.DONE:
-            self.pieces.append(piece)
-            self._wake()
+            if attempt == self.attempts:
+                self.pieces.append(piece)
+                self._wake()
 
     # -- worker-thread side -----------------------------------------------------------------
     def token_callback(self, handle: LoopHandle) -> TokenCallback:
         """The ``on_token`` callback the backend calls on the worker thread.
 
-        Returning ``False`` stops generation: the caller left, or its deadline passed. Stream
-        pieces are handed to the event loop without blocking the worker.
+        Returning ``False`` stops generation: the caller left, its deadline passed, or this
+        attempt was given up (a hung call that resumes after the request was settled or moved to
+        another actor must neither feed the stream nor keep its context busy). Stream pieces are
+        handed to the event loop without blocking the worker.
         """
+        attempt = self.attempts
+        done = RequestState.DONE
+
+        def live() -> bool:
+            return not self.abandoned and self.attempts == attempt and self.state is not done
+
         if self.pieces is None:
 
             def keep_going(piece: str) -> bool:
+                if not live():
+                    return False
                 self.progress += 1
-                return not self.abandoned
+                return True
 
             return keep_going
 
@@ -216,11 +231,11 @@ class Request:
         push = self.push
 
         def forward(piece: str) -> bool:
-            if self.abandoned:
+            if not live():
                 return False
             self.progress += 1
             self.streamed = True
-            call_soon(push, piece)
-            return not self.abandoned
+            call_soon(push, piece, attempt)
+            return True
 
         return forward

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -40,11 +41,11 @@ from ._exceptions import (
 )
 from ._mailbox import EventLike
 from ._policies import Policy, RouteRequest, make_policy
-from ._request import CompletionResult, EmbeddingResult, Op, Request
+from ._request import CompletionResult, EmbeddingResult, Op, Request, RequestState
 from ._router import Router, build_candidates
 from ._snapshot import ActorState, SchedulerSnapshot
 from ._supervisor import Supervision, Supervisor
-from ._types import KIND_INDEX, Kind, ModelSpec, Priority
+from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec, Priority
 from .backends import get_backend
 from .backends._base import BackendFactory, CompletionParams
 from .telemetry._logging import get_logger
@@ -71,6 +72,16 @@ class _Phase(enum.Enum):
     RUNNING = "running"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+class _RoomWaiter:
+    """A request waiting for mailbox room: set ``event`` once it was placed (or must give up)."""
+
+    __slots__ = ("error", "event")
+
+    def __init__(self, event: EventLike) -> None:
+        self.event = event
+        self.error: Exception | None = None
 
 
 def _outcome_of(exc: BaseException, cancelled: type[BaseException]) -> Outcome:
@@ -132,7 +143,8 @@ class Scheduler:
         mailbox_capacity: most requests queued per actor.
         admission_timeout: default for how long a request waits for mailbox room when every
             capable actor is full: ``0`` refuses at once with :class:`~zeta.Overloaded`, ``None``
-            waits until the request's deadline.
+            waits until the request's deadline. Waiting requests of one kind are admitted in
+            arrival order as room appears.
         aging_s: seconds of queueing that raise a request by one priority class.
         backend_factory: opens contexts for every model; default: the backend each
             :attr:`ModelSpec.backend <zeta.ModelSpec.backend>` names.
@@ -140,7 +152,7 @@ class Scheduler:
             (``anyio.to_thread.run_sync`` behind a per-context ``CapacityLimiter(1)``).
         supervision: restart, probe, hang and shutdown settings.
         sampler: utilisation sampler run every ``sample_interval`` seconds; default the telemetry
-            package's ``DeviceSampler`` (NVML for GPU-placed models, busy fraction for the rest).
+            package's ``DeviceSampler`` (NVML for GPU-placed models, host CPU utilisation for the rest).
         calibrator: calibration hook run every ``calibration_interval`` seconds.
         recorder: where request counts and latencies go; default a new
             :class:`~zeta.telemetry.Recorder` (``zs.recorder``).
@@ -277,7 +289,10 @@ class Scheduler:
         self._handle: LoopHandle | None = None
         self._cancelled: type[BaseException] = BaseException
         self._new_event: Callable[[], EventLike] = anyio.Event
-        self._capacity_event: anyio.Event | None = None
+        #: Requests waiting for mailbox room, per kind, oldest first (see _notify_capacity).
+        self._waiting: dict[Kind, OrderedDict[Request, _RoomWaiter]] = {
+            k: OrderedDict() for k in SERVED_KINDS
+        }
         self._closing: anyio.Event | None = None
         self._stopped: anyio.Event | None = None
         self._close_requested = False
@@ -410,14 +425,18 @@ class Scheduler:
             for actor, job in jobs:
                 await actor.finish_open(job)
         except BaseException:
-            for actor in self._actors:
-                actor.retire_context()
+            # Let the contexts that are still opening finish and close (bounded), so no thread of
+            # a failed startup is still loading weights when the error reaches the caller.
+            closing = [c for a in self._actors if (c := a.retire_context()) is not None]
+            with anyio.move_on_after(self._supervision.shutdown_timeout_s, shield=True):
+                for close in closing:
+                    await close.wait()
             raise
 
     async def _teardown(self) -> None:
         """Refuse new work, fail what is queued, let running calls finish (bounded), close contexts."""
         self._phase = _Phase.CLOSING
-        self._notify_capacity()
+        self._release_waiters()
         for actor in self._actors:
             for request in actor.close_mailbox():
                 request.finish(error=SchedulerClosed("the scheduler closed before the request ran"))
@@ -736,18 +755,20 @@ class Scheduler:
         if request.deadline is not None:
             wait = min(wait, request.deadline - self._clock())
         if wait > 0:
-            with anyio.move_on_after(wait):
-                while True:
-                    event = self._capacity_event
-                    if event is None:
-                        event = self._capacity_event = anyio.Event()
-                    await event.wait()
-                    if self._phase is not _Phase.RUNNING:
-                        raise SchedulerClosed(
-                            "the scheduler closed while the request waited for room"
-                        )
-                    if self._dispatch(request):
-                        return
+            # Join this kind's line; _notify_capacity admits the line's head when room appears.
+            line = self._waiting[request.kind]
+            waiter = line[request] = _RoomWaiter(self._new_event())
+            try:
+                with anyio.move_on_after(wait):
+                    await waiter.event.wait()
+            finally:
+                line.pop(request, None)
+            if waiter.error is not None:
+                raise waiter.error
+            if request.state is not RequestState.NEW:
+                return  # admitted (possibly just as the timeout fired)
+            if self._phase is not _Phase.RUNNING:
+                raise SchedulerClosed("the scheduler closed while the request waited for room")
         else:
             await anyio.lowlevel.checkpoint()
         if request.deadline is not None and self._clock() >= request.deadline:
@@ -765,10 +786,32 @@ class Scheduler:
         )
 
     def _notify_capacity(self) -> None:
-        event = self._capacity_event
-        if event is not None:
-            self._capacity_event = None
-            event.set()
+        """Room may have appeared: admit waiting requests, oldest first within each kind.
+
+        Called by actors on the loop whenever a full mailbox frees a slot or an actor becomes
+        ready. The head of a kind's line is placed here, synchronously, so a freed slot costs one
+        routing decision per kind instead of waking every waiter to race for it, and a newcomer
+        cannot take the slot first. A line stops at its first request that cannot be placed.
+        """
+        if self._phase is not _Phase.RUNNING:
+            return
+        for line in self._waiting.values():
+            while line:
+                request, waiter = next(iter(line.items()))
+                try:
+                    if not self._dispatch(request):
+                        break
+                except Exception as exc:  # a buggy user policy: its caller gets the error
+                    waiter.error = exc
+                del line[request]
+                waiter.event.set()
+
+    def _release_waiters(self) -> None:
+        """Wake every request waiting for room (the scheduler is closing); each one raises."""
+        for line in self._waiting.values():
+            for waiter in line.values():
+                waiter.event.set()
+            line.clear()
 
     async def _wait(self, request: Request) -> None:
         """Wait until the request is settled, failing it with DeadlineExceeded at its deadline."""

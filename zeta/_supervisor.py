@@ -180,13 +180,12 @@ class Supervisor:
                 request_id=None if request is None else request.id,
             )
         victims: list[Request] = []
-        if request is not None:
+        # A request whose caller already left (cancelled, expired) stays settled: never rerun it.
+        if request is not None and not request.done:
             request.state = RequestState.NEW
             victims.append(request)
         victims.extend(actor.drain())
         for victim in victims:
-            if victim.done:
-                continue
             if not self.redispatch(victim):
                 error = ActorDead(
                     f"model {actor.name!r} (replica {actor.replica}) {what} and no other capable "
@@ -202,7 +201,7 @@ class Supervisor:
         router = self._router
         try:
             i = router.choose(request.route)
-        except RuntimeError:  # a buggy user policy must not lose the request
+        except Exception:  # a buggy user policy must not lose the request (or the actor)
             i = None
         if i is None:
             i = router.fallback(request.route)

@@ -32,6 +32,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +40,17 @@ from .._exceptions import BackendError, ConfigError, ModelLoadError
 from .._types import ModelSpec
 from ._base import Completion, CompletionParams, Embedding, TokenCallback
 
-__all__ = ["OUTCOMES", "FailurePlan", "SimulatedBackend", "SimulatedCrash", "open_backend"]
+__all__ = [
+    "OUTCOMES",
+    "TRACE_LEN",
+    "FailurePlan",
+    "SimulatedBackend",
+    "SimulatedCrash",
+    "open_backend",
+]
+
+#: How many recent calls a context remembers in ``SimulatedBackend.calls``.
+TRACE_LEN = 1024
 
 #: What one call can do under failure injection.
 OUTCOMES = ("ok", "error", "raise", "die", "hang", "midstream")
@@ -168,7 +179,8 @@ def _count_tokens(text: str) -> int:
 class SimulatedBackend:
     """One simulated context. Every method blocks the calling thread, like a llama.cpp context.
 
-    ``calls`` lists ``(op, text)`` for every call that started (for tests).
+    ``calls`` holds ``(op, text)`` of the last :data:`TRACE_LEN` calls that started (for tests;
+    bounded, so a long benchmark does not keep every prompt alive).
     """
 
     def __init__(self, spec: ModelSpec, replica: int) -> None:
@@ -212,7 +224,7 @@ class SimulatedBackend:
         self._rng = random.Random(seed * 1_000_003 + replica)
         self._dead = False
         self._closed = False
-        self.calls: list[tuple[str, str]] = []
+        self.calls: deque[tuple[str, str]] = deque(maxlen=TRACE_LEN)
 
     # -- the Backend protocol ---------------------------------------------------------------
     def complete(
