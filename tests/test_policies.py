@@ -82,18 +82,36 @@ def test_static_balances_replicas_of_its_model() -> None:
 
 # -- threshold ------------------------------------------------------------------------------------
 def test_threshold_spills_code_to_reasoner_with_hysteresis() -> None:
-    policy = ThresholdPolicy(high=0.8, low=0.5)
+    policy = ThresholdPolicy(high=0.8, low=0.5, backlog_s=2.0)
     router, table, rows = setup(policy)
     coder = rows["coder"][0]
+    table.set_ewma(coder, 0.5, 0.0, 0.0)  # half a second per request
     assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
-    table.set_util(coder, 0.9)
+    table.set_load(coder, 3, 1)  # 2 s of backlog: fully loaded
     assert model_of(router, router.choose(req(Kind.CODE))) == "reasoner"
     assert "coder" in policy.overloaded
-    table.set_util(coder, 0.7)  # between the marks: keeps spilling
+    table.set_load(coder, 2, 1)  # 1.5 s, between the marks: keeps spilling
     assert model_of(router, router.choose(req(Kind.CODE))) == "reasoner"
-    table.set_util(coder, 0.4)  # below the low mark: back home
+    table.set_load(coder, 1, 0)  # 0.5 s, below the low mark: back home
     assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
     assert "coder" not in policy.overloaded
+
+
+def test_threshold_backlog_uses_the_requests_token_estimate() -> None:
+    router, table, rows = setup(ThresholdPolicy(high=0.8, low=0.5, backlog_s=2.0))
+    coder = rows["coder"][0]
+    table.set_ewma(coder, 0.0, 0.01, 0.0)  # 10 ms per token
+    table.set_load(coder, 1, 1)
+    assert model_of(router, router.choose(req(Kind.CODE, est_tokens=16))) == "coder"  # 0.32 s
+    assert model_of(router, router.choose(req(Kind.CODE, est_tokens=100))) == "reasoner"  # 2 s
+
+
+def test_threshold_ignores_device_utilisation() -> None:
+    """Utilisation is a device-level reading shared by models on one device, and lags a burst:
+    it says nothing about which model is overloaded."""
+    router, table, rows = setup(ThresholdPolicy(high=0.8, low=0.5))
+    table.set_util(rows["coder"][0], 1.0)
+    assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
 
 
 def test_threshold_counts_mailbox_fill_as_load() -> None:
@@ -104,15 +122,15 @@ def test_threshold_counts_mailbox_fill_as_load() -> None:
 
 def test_threshold_sends_easy_reasoning_to_an_idle_coder_only() -> None:
     router, table, rows = setup(ThresholdPolicy(high=0.8, low=0.5, max_spill_difficulty=0.4))
-    table.set_util(rows["reasoner"][0], 0.95)
+    table.set_load(rows["reasoner"][0], 8, 1)
     assert model_of(router, router.choose(req(Kind.REASON, difficulty=0.2))) == "coder"
     assert model_of(router, router.choose(req(Kind.REASON, difficulty=0.9))) == "reasoner"
 
 
 def test_threshold_uses_the_rule_model_when_everyone_is_overloaded() -> None:
     router, table, rows = setup(ThresholdPolicy())
-    table.set_util(rows["coder"][0], 0.99)
-    table.set_util(rows["reasoner"][0], 0.99)
+    table.set_load(rows["coder"][0], 8, 1)
+    table.set_load(rows["reasoner"][0], 8, 1)
     assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
 
 
@@ -121,6 +139,8 @@ def test_threshold_rejects_bad_marks() -> None:
         ThresholdPolicy(high=0.5, low=0.6)
     with pytest.raises(ConfigError):
         ThresholdPolicy(max_spill_difficulty=2.0)
+    with pytest.raises(ConfigError):
+        ThresholdPolicy(backlog_s=0.0)
 
 
 # -- dynamic --------------------------------------------------------------------------------------

@@ -91,10 +91,16 @@ def outstanding(table: ScoreTable, i: int) -> int:
     return queue + in_flight
 
 
-def occupancy_load(table: ScoreTable, c: Candidate) -> float:
-    """How loaded one candidate is, in ``[0, 1]``: the larger of utilisation and mailbox fill."""
-    fill = outstanding(table, c.index) / (c.capacity + 1)
-    return max(table.util(c.index), min(1.0, fill))
+def backlog_load(table: ScoreTable, c: Candidate, est_tokens: float, backlog_s: float) -> float:
+    """How loaded one candidate is, in ``[0, 1]``, from its live queue (no sampled signal).
+
+    The larger of its mailbox fill and its expected backlog (outstanding requests times its
+    service-time estimate for a request of ``est_tokens``) over ``backlog_s`` seconds.
+    """
+    n = outstanding(table, c.index)
+    per_request, per_token = table.ewma(c.index)
+    backlog = n * (per_request + est_tokens * per_token)
+    return min(1.0, max(n / (c.capacity + 1), backlog / backlog_s))
 
 
 def _primary_models(kind: Kind, candidates: Sequence[Candidate]) -> tuple[str, ...]:
@@ -187,8 +193,11 @@ class StaticPolicy:
 class ThresholdPolicy:
     """The fixed rules plus overload spill with hysteresis.
 
-    A model is *overloaded* once its load (mean over available replicas of the larger of
-    utilisation and mailbox fill) exceeds ``high``, and stays so until it falls below ``low``.
+    A model is *overloaded* once its load (mean over available replicas of
+    :func:`backlog_load`: the larger of mailbox fill and expected backlog over ``backlog_s``)
+    exceeds ``high``, and stays so until it falls below ``low``. The load is read from the live
+    queue and service-time estimates, not from sampled utilisation: a sampled reading lags a
+    burst by a sampling interval, and on a shared device it is the same for every model on it.
     While the rule's model is overloaded (or has no available replica), a request spills to
     another capable model that is not overloaded, models preferring the kind first, then by
     quality. Spilling *down* the quality ladder is limited by difficulty: a ``reason`` request
@@ -201,17 +210,25 @@ class ThresholdPolicy:
         high: load above which a model starts spilling (0..1).
         low: load below which it stops (0..high).
         max_spill_difficulty: hardest ``reason`` request that may go to a non-reasoning model.
+        backlog_s: expected backlog (seconds of queued work) that counts as fully loaded.
     """
 
     name = "threshold"
 
     def __init__(
-        self, high: float = 0.8, low: float = 0.5, max_spill_difficulty: float = 0.5
+        self,
+        high: float = 0.8,
+        low: float = 0.5,
+        max_spill_difficulty: float = 0.5,
+        backlog_s: float = 2.0,
     ) -> None:
         if not 0.0 <= low < high <= 1.0:
             raise ConfigError(f"need 0 <= low < high <= 1, got low={low!r}, high={high!r}")
         if not 0.0 <= max_spill_difficulty <= 1.0:
             raise ConfigError("must be in [0, 1]", key="max_spill_difficulty")
+        if not backlog_s > 0.0:
+            raise ConfigError(f"must be > 0, got {backlog_s!r}", key="backlog_s")
+        self.backlog_s = backlog_s
         self.high = high
         self.low = low
         self.max_spill_difficulty = max_spill_difficulty
@@ -224,18 +241,20 @@ class ThresholdPolicy:
         """Models currently in the spilling state."""
         return frozenset(self._overloaded)
 
-    def _model_load(self, model: str, table: ScoreTable, candidates: Sequence[Candidate]) -> float:
+    def _model_load(
+        self, model: str, est: float, table: ScoreTable, candidates: Sequence[Candidate]
+    ) -> float:
         loads = [
-            occupancy_load(table, c)
+            backlog_load(table, c, est, self.backlog_s)
             for c in candidates
             if c.model == model and table.available(c.index)
         ]
         return sum(loads) / len(loads) if loads else 1.0
 
     def _is_overloaded(
-        self, model: str, table: ScoreTable, candidates: Sequence[Candidate]
+        self, model: str, est: float, table: ScoreTable, candidates: Sequence[Candidate]
     ) -> bool:
-        load = self._model_load(model, table, candidates)
+        load = self._model_load(model, est, table, candidates)
         if model in self._overloaded:
             if load < self.low:
                 self._overloaded.discard(model)
@@ -250,7 +269,7 @@ class ThresholdPolicy:
         self, model: str, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
     ) -> int | None:
         keyed = [
-            (occupancy_load(table, c), c.index)
+            (backlog_load(table, c, request.est_tokens, self.backlog_s), c.index)
             for c in candidates
             if c.model == model and request.kind in c.kinds and table.available(c.index)
         ]
@@ -262,7 +281,7 @@ class ThresholdPolicy:
         kind = request.kind
         primary = self._static.primary(kind, candidates)
         for model in primary:
-            if not self._is_overloaded(model, table, candidates):
+            if not self._is_overloaded(model, request.est_tokens, table, candidates):
                 i = self._pick(model, request, table, candidates)
                 if i is not None:
                     return i
@@ -279,7 +298,7 @@ class ThresholdPolicy:
                 and request.difficulty > self.max_spill_difficulty
             ):
                 continue
-            if self._is_overloaded(model, table, candidates):
+            if self._is_overloaded(model, request.est_tokens, table, candidates):
                 continue
             i = self._pick(model, request, table, candidates)
             if i is not None:
