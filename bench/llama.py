@@ -82,6 +82,7 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from llama_cpp import Llama
+
     from zeta._scheduler import Scheduler
 
     spec: ModelSpec = ladder_spec(
