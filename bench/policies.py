@@ -45,7 +45,7 @@ from typing import Any
 import anyio
 
 from zeta import Kind, ModelSpec, Scheduler, kernel_implementation
-from zeta._policies import POLICIES
+from zeta._policies import POLICIES, ThresholdPolicy
 from zeta.testing._ladder import ROLES
 from zeta.testing._replay import ReplayResult, ReplaySummary, replay, summarize, warm_up
 from zeta.testing._workloads import Arrival, agent_fanout, bursty, steady
@@ -70,6 +70,7 @@ PARAMS: Mapping[str, float] = {
     "quality_penalty": 0.25,
     "sample_interval": 0.5,
     "contention_weight": 1.0,
+    "backlog_s": 2.0,  # threshold policy only
 }
 UNSCALED = frozenset({"contention_weight"})
 KINDS = (Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON)
@@ -153,9 +154,12 @@ async def run_one(
 ) -> tuple[ReplayResult, dict[str, float]]:
     """Replay ``arrivals`` on a fresh scheduler; also return each model's busy share of the run."""
     p = {k: v if k in UNSCALED else v * scale for k, v in contender.params.items()}
+    policy: str | ThresholdPolicy = contender.policy
+    if policy == "threshold":
+        policy = ThresholdPolicy(backlog_s=p["backlog_s"])
     async with Scheduler(
         ladder_specs(scale, seed),
-        policy=contender.policy,
+        policy=policy,
         admission_timeout=None,
         seed=seed,
         tau=p["tau"],
