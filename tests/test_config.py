@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from zeta import ConfigError, Kind
+import zeta
+from zeta import ActorState, ConfigError, Kind, ModelUnavailable, Scheduler
 from zeta._config import Config, MetricsConfig, load_config, parse_config
 from zeta.testing import model_path
 
@@ -34,6 +39,7 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert config.mailbox_capacity == 64
     assert config.metrics == MetricsConfig(enabled=False, host="127.0.0.1", port=9464)
     assert config.optional == {"reasoner"}
+    assert config.model("reasoner").optional and not config.model("coder").optional
     coder = config.model("coder")
     assert coder.preferred == {Kind.SIMPLE, Kind.CODE} and coder.quality == 1
     assert coder.path == str(model_path("coder"))
@@ -161,6 +167,117 @@ async def test_a_config_starts_a_scheduler_on_llama_cpp(
     assert len(vectors.vectors) == 2
 
 
+def test_load_config_and_config_are_public() -> None:
+    assert zeta.load_config is load_config and zeta.Config is Config
+
+
+def test_optional_reaches_the_model_spec_and_the_scheduler_kwargs() -> None:
+    config = parse_config(
+        {
+            "models": [
+                {"name": "main", "backend": "simulated"},
+                {"name": "extra", "backend": "simulated", "optional": True},
+            ]
+        }
+    )
+    assert config.optional == {"extra"}
+    assert [m.optional for m in config.scheduler_kwargs()["models"]] == [False, True]
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+SIMULATED = """
+[policy]
+name = "static"
+[metrics]
+enabled = {enabled}
+port = 0
+[[models]]
+name = "m"
+backend = "simulated"
+"""
+
+
+@pytest.mark.anyio
+async def test_from_config_file_runs_it_and_serves_its_metrics_endpoint(tmp_path: Path) -> None:
+    path = _write(tmp_path, SIMULATED.format(enabled="true"))
+    async with Scheduler.from_config(path, policy="round_robin") as zs:  # overrides win
+        assert zs.policy.name == "round_robin" and [m.name for m in zs.models] == ["m"]
+        server = zs.metrics_server
+        assert server is not None and server.host == "127.0.0.1" and server.port > 0
+        await zs.complete("hello", kind="simple")
+        text = await anyio.to_thread.run_sync(_scrape, server.url)
+        assert 'zeta_scheduler_requests_total{kind="simple",model="m",outcome="ok"} 1.0' in text
+        assert 'zeta_actor_state{model="m",replica="0",state="ready"} 1.0' in text
+    assert zs.metrics_server is None
+    with pytest.raises(urllib.error.URLError):  # the endpoint closed with the scheduler
+        await anyio.to_thread.run_sync(_scrape, server.url)
+
+
+@pytest.mark.anyio
+async def test_from_config_serves_no_metrics_unless_enabled(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, SIMULATED.format(enabled="false")))
+    async with Scheduler.from_config(config) as zs:
+        assert zs.metrics_server is None and zs.policy.name == "static"
+        assert (await zs.complete("hello", kind="simple")).model == "m"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("damage", ["truncated", "wrong magic"])
+async def test_an_optional_model_with_a_bad_file_is_left_out_on_llama_cpp(
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    damage: str,
+    captured_logs: list[dict[str, Any]],
+) -> None:
+    pytest.importorskip("llama_cpp")
+    good = tiny_models["reasoner-tiny"].read_bytes()
+    bad = tmp_path / "reasoner.gguf"
+    bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"GGML" + good[4:])
+    path = _write(
+        tmp_path,
+        f"""
+        [policy]
+        name = "static"
+        [[models]]
+        name = "embedder"
+        path = "{tiny_models["embedder-tiny"]}"
+        kinds = ["embed"]
+        n_ctx = 256
+        [[models]]
+        name = "coder"
+        path = "{tiny_models["coder-tiny"]}"
+        kinds = ["simple", "code", "reason"]
+        preferred = ["simple", "code"]
+        n_ctx = 256
+        [[models]]
+        name = "reasoner"
+        path = "reasoner.gguf"
+        kinds = ["simple", "code", "reason"]
+        preferred = ["reason"]
+        n_ctx = 256
+        optional = true
+        """,
+    )
+    async with Scheduler.from_config(path) as zs:
+        states = {m.name: m.state for m in zs.snapshot().models}
+        assert states == {
+            "embedder": ActorState.READY, "coder": ActorState.READY,
+            "reasoner": ActorState.DOWN,
+        }  # fmt: skip
+        code = await zs.complete("def main():", kind=Kind.CODE, max_tokens=4)
+        assert (code.model, code.completion_tokens) == ("coder", 4)
+        # "static" reasons on the reasoner only: unavailable (try again later), not invalid.
+        with pytest.raises(ModelUnavailable, match="reasoner"):
+            await zs.complete("think it through", kind=Kind.REASON, max_tokens=4)
+    (warning,) = [e for e in captured_logs if e["event"] == "model_load_failed"]
+    assert (warning["model"], warning["path"]) == ("reasoner", str(bad))
+    assert str(bad) in warning["error"]
+
+
 @pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
@@ -217,6 +334,8 @@ async def test_a_config_starts_a_scheduler_on_llama_cpp(
         ("[[models]]\nname = 'a'\npath = 'a'\nn_ctx = 1.5\n", "models[0].n_ctx", "got a float"),
         ("[[models]]\nname = 'a'\npath = 'a'\noptions = 3\n", "models[0].options",
          "must be a table"),
+        ("[[models]]\nname = 'a'\npath = 'a'\noptional = 'yes'\n", "models[0].optional",
+         "true or false"),
         ("[[models]]\nname = 'a'\npath = 'a'\n[[models]]\nname = 'a'\npath = 'b'\n",
          "models[1].name", "duplicate model name 'a' (also models[0])"),
         ("[[models]]\nname = 'a'\npath = 'a'\nkinds = ['code', 'simple', 'reason']\n", "models",

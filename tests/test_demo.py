@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import zeta._demo
 from zeta import Kind
 from zeta.__main__ import main
-from zeta._demo import DemoOptions, Job, Outcome, build_workload, run_demo, summarize
+from zeta._demo import DemoMetrics, DemoOptions, Job, Outcome, build_workload, run_demo, summarize
+from zeta.telemetry import serve_metrics
+from zeta.telemetry._logging import _ZetaHandler
 
 pytest.importorskip("llama_cpp")
 
@@ -77,21 +83,69 @@ def _check_report(report: dict[str, Any]) -> None:
     assert report["policies"]["static"]["spilled_share"] == 0.0
 
 
-def test_demo_runs_end_to_end_on_llama_cpp(tiny_models: dict[str, Path]) -> None:
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _requests_total(exposition: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in exposition.splitlines()
+        if line.startswith("zeta_scheduler_requests_total{")
+    )
+
+
+class ScrapedAtEachStart(DemoMetrics):
+    """Scrapes its own endpoint whenever the demo hands it a running scheduler."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.scrapes: list[str] = []
+        super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "scheduler" and value is not None:
+            self.scrapes.append(_scrape(self.url))
+
+
+def test_demo_runs_end_to_end_on_llama_cpp_and_serves_metrics(
+    tiny_models: dict[str, Path], metrics_registry: Any
+) -> None:
     options = DemoOptions(
         duration_s=3.0, seed=3, live=False, directory=tiny_models["coder-tiny"].parent,
         tiny=True, print_report=False,
     )  # fmt: skip
-    report = run_demo(options)
+    metrics = ScrapedAtEachStart()
+    with serve_metrics(metrics, port=0, registry=metrics_registry) as server:
+        metrics.url = server.url
+        report = run_demo(options, metrics=metrics)
+        after = _scrape(server.url)
     _check_report(report)
     json.dumps(report, allow_nan=False)  # NaN became null
+    # One scheduler per policy and round; each one's actors were served while it ran ...
+    assert len(metrics.scrapes) == len(options.policies) * options.rounds
+    for text in metrics.scrapes:
+        for model in ("embedder", "coder", "reasoner"):
+            assert f'zeta_actor_state{{model="{model}",replica="0",state="ready"}} 1.0' in text
+    # ... and all of them counted into one recorder, so the counters only grow.
+    totals = [_requests_total(text) for text in [*metrics.scrapes, after]]
+    assert totals == sorted(totals) and totals[0] == 0 < totals[1]
+    answered = sum(k["ok"] for run in report["policies"].values() for k in run["kinds"].values())
+    ok = sum(
+        n for (_, _, outcome), n in metrics.recorder.snapshot().requests.items() if outcome == "ok"
+    )
+    warmups = len(options.policies) * options.rounds * len(Kind.__members__)
+    assert answered < ok <= answered + warmups
+    assert "zeta_actor_state{" not in after  # no scheduler runs any more
 
 
-def test_cli_demo_json_is_the_last_line(tiny_models: dict[str, Path]) -> None:
+def test_cli_demo_json_is_the_last_line_with_logs_and_metrics(tiny_models: dict[str, Path]) -> None:
     directory = str(tiny_models["coder-tiny"].parent)
     proc = subprocess.run(
         [sys.executable, "-m", "zeta", "demo", "--duration", "2", "--tiny", "--json",
-         "--dir", directory],
+         "--dir", directory, "--metrics-port", "0", "--log-json", "--log-level", "info"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -99,6 +153,39 @@ def test_cli_demo_json_is_the_last_line(tiny_models: dict[str, Path]) -> None:
     report = json.loads(last)
     _check_report(report)
     assert "p50 / p95 / p99" in proc.stdout  # the side-by-side table came first
+    url = re.search(r"serving Prometheus metrics at (http://127\.0\.0\.1:\d+/metrics)", proc.stdout)
+    assert url is not None
+    # stderr carries zeta's logs, one JSON object per line.
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    names = [e["event"] for e in events]
+    assert names[0] == "metrics_server_started" and events[0]["url"] == url.group(1)
+    assert names[-1] == "metrics_server_stopped"
+    finished = [e for e in events if e["event"] == "request_finished"]
+    assert finished and all(e["level"] == "info" and "prompt" not in e for e in finished)
+
+
+def test_cli_demo_logs_and_metrics_are_opt_in(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[DemoMetrics | None] = []
+
+    def fake_run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> Any:
+        calls.append(metrics)
+        logging.getLogger("zeta.test").warning("demo_ran")
+        return {}
+
+    monkeypatch.setattr(zeta._demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--no-live"]) == 0
+    assert calls == [None]
+    # configure_logging() was not called: zeta's loggers have no handler of their own.
+    assert not [h for h in logging.getLogger("zeta").handlers if isinstance(h, _ZetaHandler)]
+    assert not capsys.readouterr().err
+    assert main(["demo", "--no-live", "--log-json", "--metrics-port", "0"]) == 0
+    assert isinstance(calls[-1], DemoMetrics)
+    out, err = capsys.readouterr()
+    assert "serving Prometheus metrics at http://127.0.0.1:" in out
+    events = [json.loads(line)["event"] for line in err.splitlines()]
+    assert events == ["metrics_server_started", "demo_ran", "metrics_server_stopped"]
 
 
 def test_cli_models_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,3 +202,6 @@ def test_cli_models_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["models", "make", "nope", "--dir", str(tmp_path)]) == 1
     assert main(["demo", "--set", "bogus=1"]) == 1
     assert "--set takes KEY=NUMBER" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--metrics-port", "65536"])
+    assert "a TCP port is an integer from 0 to 65535" in capsys.readouterr().err

@@ -14,6 +14,7 @@ PUBLIC = (
     "Classification",
     "Classifier",
     "CompletionResult",
+    "Config",
     "ConfigError",
     "DeadlineExceeded",
     "DynamicPolicy",
@@ -49,6 +50,7 @@ PUBLIC = (
     "ZetaError",
     "__version__",
     "kernel_implementation",
+    "load_config",
 )
 
 

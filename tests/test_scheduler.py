@@ -19,12 +19,14 @@ from zeta import (
     ActorState,
     Classification,
     CompletionResult,
+    ConfigError,
     DeadlineExceeded,
     DynamicPolicy,
     InvalidRequestError,
     Kind,
     ModelLoadError,
     ModelSpec,
+    ModelUnavailable,
     NoCapableModelError,
     Outcome,
     Overloaded,
@@ -209,6 +211,33 @@ async def test_custom_classifier_and_policy_objects_are_used() -> None:
         result = await zs.complete("def f(): pass")
     assert result.kind is Kind.REASON and result.model == "reasoner"
     assert policy.seen[0].difficulty == 0.9 and policy.seen[0].kind is Kind.REASON
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [(RuntimeError("classifier bug"), "error"), (InvalidRequestError("unclassifiable"), "invalid")],
+)
+async def test_a_classifier_that_raises_fails_the_request_which_is_counted_once(
+    error: Exception, outcome: str, captured_logs: list[dict[str, Any]]
+) -> None:
+    class Raising:
+        def classify(self, prompt: str) -> Classification:
+            raise error
+
+    trace = Trace()
+    async with Scheduler([sim("m", on_call=trace)], classifier=Raising()) as zs:
+        with pytest.raises(type(error)) as info:
+            await zs.complete("which kind am I?")
+        assert info.value is error  # the caller sees the classifier's own exception
+        with pytest.raises(type(error)):
+            zs.stream("and me?")
+        # A request with an explicit kind never asks the classifier.
+        assert (await zs.complete("plain", kind="simple")).model == "m"
+    assert trace.prompts == ["plain"]
+    requests = zs.recorder.snapshot().requests
+    assert requests == {("none", "auto", outcome): 2, ("m", "simple", "ok"): 1}
+    finished = [e["outcome"] for e in captured_logs if e["event"] == "request_finished"]
+    assert finished == [outcome, outcome, "ok"]
 
 
 # -- priorities -----------------------------------------------------------------------------------
@@ -533,6 +562,106 @@ async def test_a_model_that_fails_to_load_fails_startup() -> None:
     await wait_until(lambda: {t.name for t in threading.enumerate()} <= before)
 
 
+def optional(name: str, plan: FailurePlan, replicas: int = 1, **kw: Any) -> ModelSpec:
+    """A simulated model that may fail to load without stopping the scheduler."""
+    return ModelSpec(
+        name, path=f"/models/{name}.gguf", kinds=set(kw.pop("kinds", ALL)),
+        preferred=set(kw.pop("preferred", ())), replicas=replicas, backend="simulated",
+        options={"failures": plan, **kw}, optional=True,
+    )  # fmt: skip
+
+
+FAST_PROBES = Supervision(probe_interval_s=0.001)
+
+
+async def test_an_optional_model_that_fails_to_load_is_down_and_the_rest_start(
+    captured_logs: list[dict[str, Any]],
+) -> None:
+    never = FailurePlan(p_open_fail=1.0)  # every open fails: the file stays bad
+    specs = [
+        sim("coder", preferred=("simple", "code")),
+        optional("reasoner", never, replicas=2, preferred=("reason",)),
+        sim("embedder", kinds=("embed",)),
+    ]
+    # Callers would wait for room as long as it takes: an unavailable model must not make them.
+    async with Scheduler(
+        specs, policy="static", supervision=FAST_PROBES, admission_timeout=None
+    ) as zs:
+        states = [(m.name, m.replica, m.state) for m in zs.snapshot().models]
+        assert states == [
+            ("coder", 0, ActorState.READY),
+            ("reasoner", 0, ActorState.DOWN),
+            ("reasoner", 1, ActorState.DOWN),
+            ("embedder", 0, ActorState.READY),
+        ]
+        assert (await zs.complete("def f():", kind="code")).model == "coder"
+        assert (await zs.embed("text")).model == "embedder"
+        # "static" serves reasoning on the reasoner only: unavailable, at once.
+        with anyio.fail_after(10), pytest.raises(ModelUnavailable, match="reasoner"):
+            await zs.complete("why?", kind="reason")
+        # It is probed (and stays down while the file is bad).
+        await wait_until(lambda: never.opens >= 6)
+        assert {m.state for m in zs.snapshot().by_model("reasoner")} == {ActorState.DOWN}
+    (warning,) = [e for e in captured_logs if e["event"] == "model_load_failed"]
+    assert warning["log_level"] == "warning"
+    assert (warning["model"], warning["path"], warning["replicas"]) == (
+        "reasoner", "/models/reasoner.gguf", [0, 1],
+    )  # fmt: skip
+    assert "/models/reasoner.gguf" in warning["error"]
+    requests = zs.recorder.snapshot().requests
+    assert requests[("none", "reason", "unavailable")] == 1
+    assert requests[("coder", "code", "ok")] == 1
+
+
+async def test_an_optional_model_joins_once_its_file_loads() -> None:
+    plan = FailurePlan(open_script=["fail", "fail"])  # startup and the first probe fail
+    async with Scheduler(
+        [sim("a"), optional("b", plan)], policy="round_robin", supervision=FAST_PROBES
+    ) as zs:
+        assert [m.state for m in zs.snapshot().models] == [ActorState.READY, ActorState.DOWN]
+        assert (await zs.complete("x", kind="simple")).model == "a"
+        await wait_until(lambda: zs.snapshot().models[1].state is ActorState.READY)
+        assert {(await zs.complete("y", kind="simple")).model for _ in range(4)} == {"a", "b"}
+    assert plan.opens == 3
+    assert zs.snapshot().models[1].restarts == 0  # it never ran, so it never restarted
+
+
+def _raising_factory(spec: ModelSpec, replica: int) -> Any:
+    if spec.name == "buggy":
+        raise RuntimeError("backend bug")
+    return open_backend(spec, replica)
+
+
+def _fails_to_load() -> FailurePlan:
+    return FailurePlan(open_script=["fail"])
+
+
+@pytest.mark.parametrize(
+    ("specs", "error", "blamed"),
+    [
+        (lambda: [optional("opt", _fails_to_load()), sim("req", failures=_fails_to_load())],
+         ModelLoadError, "req"),
+        (lambda: [optional("a", _fails_to_load()), optional("b", _fails_to_load())],
+         ModelLoadError, "/models/a.gguf"),
+        (lambda: [sim("ok"), optional("buggy", FailurePlan())], RuntimeError, "backend bug"),
+        (lambda: [sim("ok"), optional("bad", FailurePlan(), load_s=-1)], ConfigError,
+         "options.load_s"),
+    ],
+    ids=["a required model fails too", "every model fails", "not a load error", "bad options"],
+)  # fmt: skip
+async def test_startup_still_fails_unless_only_optional_model_files_failed(
+    specs: Callable[[], list[ModelSpec]], error: type[Exception], blamed: str
+) -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(error, match=f"^{blamed}"):
+        async with Scheduler(specs(), backend_factory=_raising_factory, supervision=FAST_PROBES):
+            pytest.fail("must not start")
+    # Every context's worker thread ("zeta-<model>-<replica>") ends.
+    await wait_until(
+        lambda: not [t for t in set(threading.enumerate()) - before if t.name.startswith("zeta-")]
+    )
+
+
 @pytest.mark.parametrize("worker", ["thread", "to_thread"])
 async def test_a_failed_startup_closes_the_contexts_that_did_open_before_raising(
     worker: str,
@@ -592,6 +721,8 @@ async def test_requests_before_start_are_refused() -> None:
         {"prompt": "x", "priority": 7},
         {"prompt": "x", "difficulty": 1.5},
         {"prompt": "x", "stop": "END"},
+        {"prompt": "x", "stop": 5},
+        {"prompt": "x", "stop": ["END", 5]},
         {"prompt": "x", "temperature": -1},
         {"prompt": "x", "deadline": "soon"},
         {"prompt": "x", "admission_timeout": -1},

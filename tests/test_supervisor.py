@@ -17,6 +17,7 @@ from zeta import (
     ConfigError,
     ModelSpec,
     ModelUnavailable,
+    Overloaded,
     Scheduler,
     Supervision,
 )
@@ -222,6 +223,88 @@ async def test_requests_route_around_a_down_model() -> None:
         await zs.complete("first", kind="simple")
         await wait_until(lambda: state(zs, "bad") is ActorState.DOWN)
         assert {(await zs.complete("next", kind="simple")).model for _ in range(5)} == {"good"}
+
+
+# -- down is not full: ModelUnavailable vs Overloaded ---------------------------------------------
+def never_loads(name: str, preferred: Sequence[str]) -> ModelSpec:
+    """An optional model whose file never loads: down from the start, and after every probe."""
+    return ModelSpec(
+        name, path=f"/models/{name}.gguf", kinds=set(ALL), preferred=set(preferred),
+        backend="simulated", options={"failures": FailurePlan(p_open_fail=1.0)}, optional=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["crashed too often", "never loaded"])
+async def test_static_refuses_with_model_unavailable_when_its_model_is_down(how: str) -> None:
+    # "static" sends code to the coder only; the reasoner can serve code but is not the rule's.
+    if how == "crashed too often":
+        coder = sim("coder", FailurePlan(p_die=1.0), preferred=["simple", "code"])
+    else:
+        coder = never_loads("coder", ["simple", "code"])
+    cfg = Supervision(max_restarts=0, probe_interval_s=3600.0)
+    async with Scheduler(
+        [coder, sim("reasoner", preferred=["reason"])],
+        policy="static",
+        supervision=cfg,
+        admission_timeout=None,  # callers wait for room; a down model must not make them wait
+    ) as zs:
+        if how == "crashed too often":
+            # The request that kills the coder's context is retried on the reasoner.
+            assert (await zs.complete("def f():", kind="code")).model == "reasoner"
+        await wait_until(lambda: state(zs, "coder") is ActorState.DOWN)
+        with anyio.fail_after(10), pytest.raises(ModelUnavailable, match="coder"):
+            await zs.complete("def g():", kind="code")
+        assert (await zs.complete("why?", kind="reason")).model == "reasoner"
+    recorded = zs.recorder.snapshot()
+    assert recorded.requests[("none", "code", "unavailable")] == 1
+    assert not recorded.rejections  # not an overload
+
+
+async def test_static_refuses_with_overloaded_when_its_model_is_full() -> None:
+    gate = threading.Event()
+    try:
+        async with Scheduler(
+            [
+                sim("coder", preferred=["simple", "code"], gate=gate),
+                sim("reasoner", preferred=["reason"]),
+            ],
+            policy="static",
+            mailbox_capacity=1,
+        ) as zs:
+            coder = lambda: zs.snapshot().by_model("coder")[0]  # noqa: E731
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: zs.complete("running", kind="code"))
+                await wait_until(lambda: coder().in_flight == 1)
+                tg.start_soon(lambda: zs.complete("queued", kind="code"))
+                await wait_until(lambda: coder().queue_len == 1)
+                with pytest.raises(Overloaded):
+                    await zs.complete("refused", kind="code")
+                gate.set()
+    finally:
+        gate.set()
+    recorded = zs.recorder.snapshot()
+    assert recorded.requests[("none", "code", "overloaded")] == 1
+    assert recorded.requests[("coder", "code", "ok")] == 2  # the idle reasoner took none
+    assert recorded.rejections == {"code": 1}
+
+
+@pytest.mark.parametrize(("policy", "hard"), [("threshold", None), ("dynamic", "coder")])
+async def test_hard_reasoning_with_the_reasoner_down(policy: str, hard: str | None) -> None:
+    # "threshold" never sends reasoning harder than max_spill_difficulty (0.5) to a model that
+    # does not prefer it, so with the reasoner down it is unavailable; "dynamic" uses the coder.
+    cfg = Supervision(probe_interval_s=3600.0)
+    async with Scheduler(
+        [sim("coder", preferred=["simple", "code"]), never_loads("reasoner", ["reason"])],
+        policy=policy,
+        supervision=cfg,
+    ) as zs:
+        easy = await zs.complete("plan", kind="reason", difficulty=0.2)
+        assert easy.model == "coder"
+        if hard is None:
+            with pytest.raises(ModelUnavailable, match="reasoner"):
+                await zs.complete("prove it", kind="reason", difficulty=0.9)
+        else:
+            assert (await zs.complete("prove it", kind="reason", difficulty=0.9)).model == hard
 
 
 # -- calibration ----------------------------------------------------------------------------------

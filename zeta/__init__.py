@@ -7,6 +7,8 @@ from ._calibration import Calibrator as Calibrator
 from ._classifier import Classification as Classification
 from ._classifier import Classifier as Classifier
 from ._classifier import HeuristicClassifier as HeuristicClassifier
+from ._config import Config as Config
+from ._config import load_config as load_config
 from ._exceptions import ActorDead as ActorDead
 from ._exceptions import BackendError as BackendError
 from ._exceptions import ConfigError as ConfigError
@@ -64,6 +66,7 @@ __all__ = (
     "Classification",
     "Classifier",
     "CompletionResult",
+    "Config",
     "ConfigError",
     "DeadlineExceeded",
     "DynamicPolicy",
@@ -99,4 +102,5 @@ __all__ = (
     "ZetaError",
     "__version__",
     "kernel_implementation",
+    "load_config",
 )

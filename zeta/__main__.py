@@ -2,6 +2,10 @@
 
 Also runs as ``python -m zeta``. Heavy imports (llama.cpp, rich, the scheduler) happen inside the
 subcommand that needs them, so ``zeta --help`` is instant.
+
+``zeta demo`` prints only its own display unless asked for more: ``--log-level``/``--log-json``
+turn zeta's structured logs on (stderr), ``--metrics-port`` serves Prometheus metrics while it
+runs (on 127.0.0.1 unless ``--metrics-host`` says otherwise).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from ._config import KERNEL_PARAMS
-    from ._demo import DEMO_SCHEDULER_OPTIONS, DemoOptions, run_demo
+    from ._demo import DEMO_SCHEDULER_OPTIONS, DemoMetrics, DemoOptions, run_demo
 
     scheduler_options: dict[str, object] = dict(DEMO_SCHEDULER_OPTIONS)
     for item in args.set:
@@ -72,10 +76,43 @@ def _demo(args: argparse.Namespace) -> int:
         tiny=args.tiny,
         scheduler_options=scheduler_options,
     )
-    report = run_demo(options)
+    if args.log_level is not None or args.log_json:
+        from .telemetry import configure_logging
+
+        # --log-level alone: JSON lines unless stderr is a terminal.
+        configure_logging(json=True if args.log_json else None, level=args.log_level or "INFO")
+    metrics: DemoMetrics | None = None
+    server = None
+    if args.metrics_port is not None:
+        from .telemetry import serve_metrics
+
+        metrics = DemoMetrics()
+        try:
+            server = serve_metrics(metrics, args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            where = f"{args.metrics_host}:{args.metrics_port}"
+            raise ConfigError(
+                f"cannot serve metrics on {where}: {exc.strerror or exc}", key="--metrics-port"
+            ) from None
+        print(f"zeta demo: serving Prometheus metrics at {server.url}", flush=True)
+    try:
+        report = run_demo(options, metrics=metrics)
+    finally:
+        if server is not None:
+            server.close()
     if args.json:
         print(json.dumps(report, sort_keys=True))
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is an integer from 0 to 65535, got {text!r}")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--tiny", action="store_true", help="use the tiny test models (fast, small contrast)"
+    )
+    demo.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while the demo runs (0: any free port)",
+    )
+    demo.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 only on a trusted network)",
+    )
+    demo.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default=None,
+        help="log zeta's events at this level and up to stderr (default: no logs)",
+    )
+    demo.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log as JSON lines (at INFO unless --log-level says otherwise)",
     )
     demo.set_defaults(func=_demo)
 

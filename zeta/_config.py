@@ -50,7 +50,6 @@ class Config:
         policy_params: keyword parameters for the policy.
         mailbox_capacity: bound of each actor's mailbox.
         kinds: kinds some model must serve; the file is rejected otherwise.
-        optional: names of models the scheduler may start without if they fail to load.
         metrics: the metrics endpoint.
         source: the file it came from, if any.
     """
@@ -60,9 +59,13 @@ class Config:
     policy_params: Mapping[str, ParamValue] = field(default_factory=dict)
     mailbox_capacity: int = 64
     kinds: frozenset[Kind] = frozenset(SERVED_KINDS)
-    optional: frozenset[str] = frozenset()
     metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None
+
+    @property
+    def optional(self) -> frozenset[str]:
+        """Names of the models the scheduler may start without (``optional = true``)."""
+        return frozenset(m.name for m in self.models if m.optional)
 
     def model(self, name: str) -> ModelSpec:
         """The model called ``name``."""
@@ -74,9 +77,10 @@ class Config:
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Scheduler(**config.scheduler_kwargs())``.
 
-        Models, mailbox capacity, the policy (a name, or an object built with its parameters)
-        and the kernel parameters. The metrics endpoint and ``optional`` models are left to the
-        caller.
+        Models (``optional`` ones included: the flag is on each
+        :class:`~zeta.ModelSpec`), mailbox capacity, the policy (a name, or an object built with
+        its parameters) and the kernel parameters. The metrics endpoint is left to the caller;
+        :meth:`Scheduler.from_config <zeta.Scheduler.from_config>` serves it when enabled.
         """
         kwargs: dict[str, Any] = {
             "models": list(self.models),
@@ -266,10 +270,9 @@ def parse_config(
             key="models",
         )
     models: list[ModelSpec] = []
-    optional: set[str] = set()
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_models):
-        spec, is_optional = _model(raw, i, Path(base_dir), make_models)
+        spec = _model(raw, i, Path(base_dir), make_models)
         if spec.name in seen:
             raise ConfigError(
                 f"duplicate model name {spec.name!r} (also models[{seen[spec.name]}])",
@@ -277,8 +280,6 @@ def parse_config(
             )
         seen[spec.name] = i
         models.append(spec)
-        if is_optional:
-            optional.add(spec.name)
 
     for kind in sorted(required, key=SERVED_KINDS.index):
         if not any(kind in m.kinds for m in models):
@@ -287,7 +288,7 @@ def parse_config(
                 "in scheduler.kinds",
                 key="models",
             )
-        if all(m.name in optional for m in models if kind in m.kinds):
+        if all(m.optional for m in models if kind in m.kinds):
             raise ConfigError(
                 f"every model that serves kind {kind.value!r} is optional; make one required",
                 key="models",
@@ -299,7 +300,6 @@ def parse_config(
         policy_params=params,
         mailbox_capacity=capacity,
         kinds=required,
-        optional=frozenset(optional),
         metrics=metrics,
         source=source,
     )
@@ -340,7 +340,7 @@ def _policy_kwargs(name: str, params: Mapping[str, ParamValue]) -> dict[str, Par
     return kwargs
 
 
-def _model(raw: object, i: int, base_dir: Path, make_models: bool) -> tuple[ModelSpec, bool]:
+def _model(raw: object, i: int, base_dir: Path, make_models: bool) -> ModelSpec:
     prefix = f"models[{i}]"
     table = _table(raw, prefix)
     _check_keys(table, _MODEL_KEYS, f"{prefix}.")
@@ -355,7 +355,6 @@ def _model(raw: object, i: int, base_dir: Path, make_models: bool) -> tuple[Mode
         )
     path, ladder = values.pop("path", None), values.pop("ladder", None)
     seed = values.pop("seed", None)
-    is_optional = bool(values.pop("optional", False))
     fields: dict[str, Any] = {"name": name, "backend": backend}
 
     if path is not None and ladder is not None:
@@ -389,7 +388,7 @@ def _model(raw: object, i: int, base_dir: Path, make_models: bool) -> tuple[Mode
     if "options" in fields:
         fields["options"] = dict(fields["options"])
     try:
-        return ModelSpec(**fields), is_optional
+        return ModelSpec(**fields)
     except ConfigError as exc:
         # ModelSpec names keys as models.<name>.<field>; point at the file's entry instead.
         field_name = (exc.key or "").rpartition(".")[2] or "name"

@@ -13,6 +13,9 @@ throughput and the share of requests served by a model that does not prefer thei
 
 Arrival times are fixed in advance (open loop), so a slow policy cannot slow the arrivals down
 and hide its own queueing; latency runs from a request's scheduled arrival to its answer.
+
+``zeta demo --metrics-port PORT`` serves Prometheus metrics while it runs, through a
+:class:`DemoMetrics` that follows the scheduler of the moment.
 """
 
 from __future__ import annotations
@@ -24,16 +27,23 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._exceptions import TryAgainError, ZetaError
+from ._snapshot import SchedulerSnapshot
 from ._types import Kind, ModelSpec
 from .backends import CompletionParams, get_backend
+from .telemetry._recorder import Recorder
 from .testing import _ladder
 
-__all__ = ["DemoOptions", "Job", "Outcome", "build_workload", "run_demo", "summarize"]
+if TYPE_CHECKING:
+    from ._scheduler import Scheduler
+
+__all__ = [
+    "DemoMetrics", "DemoOptions", "Job", "Outcome", "build_workload", "run_demo", "summarize",
+]  # fmt: skip
 
 #: Kinds in report order.
 KINDS: tuple[Kind, ...] = (Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON)
@@ -128,6 +138,28 @@ class Outcome:
     model: str | None = None
     tokens: int = 0
     spilled: bool = False
+
+
+class DemoMetrics:
+    """The metrics source of a whole demo (pass it to :func:`~zeta.telemetry.serve_metrics`).
+
+    The demo runs a fresh :class:`~zeta.Scheduler` per policy and round, one after another. All of
+    them count into this one :attr:`recorder`, so counters only grow over the demo (every policy
+    together, as one deployment would); actor gauges come from the scheduler that is running, and
+    are absent between runs.
+    """
+
+    def __init__(self) -> None:
+        self.recorder = Recorder()
+        #: The scheduler running now, if any (set and cleared by :func:`run_demo`).
+        self.scheduler: Scheduler | None = None
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """The running scheduler's actors, or none (callable from the metrics server's thread)."""
+        zs = self.scheduler
+        if zs is None:
+            return SchedulerSnapshot(at=time.monotonic(), models=())
+        return zs.snapshot()
 
 
 @dataclass(slots=True)
@@ -278,6 +310,7 @@ async def _run_policy(
     live: _Live,
     grace_s: float,
     scheduler_options: Mapping[str, Any],
+    metrics: DemoMetrics | None = None,
 ) -> tuple[list[Outcome], dict[str, dict[str, float]], float]:
     from ._scheduler import Scheduler
 
@@ -286,7 +319,11 @@ async def _run_policy(
 
     # Requests wait for mailbox room rather than being refused: the comparison is in latency.
     options = {"admission_timeout": None, **scheduler_options}
+    if metrics is not None:
+        options["recorder"] = metrics.recorder
     async with Scheduler(models=list(specs), policy=policy, **options) as zs:
+        if metrics is not None:
+            metrics.scheduler = zs
         # Warm up each model (page in the weights, prime the estimates); not measured.
         for kind, job in _one_per_kind(jobs).items():
             await _submit(zs, job)
@@ -327,6 +364,8 @@ async def _run_policy(
             tg.cancel_scope.cancel()
         elapsed = time.monotonic() - t0
         snap = zs.snapshot()
+    if metrics is not None:
+        metrics.scheduler = None
     per_model: dict[str, dict[str, float]] = defaultdict(dict)
     for m in snap.models:
         busy = m.busy_s - busy0.get(m.name, 0.0)
@@ -483,8 +522,14 @@ def print_report(report: dict[str, Any], console: Any) -> None:
 # Entry point.
 
 
-def run_demo(options: DemoOptions) -> dict[str, Any]:
-    """Run the demo and return its report (what ``--json`` prints)."""
+def run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> dict[str, Any]:
+    """Run the demo and return its report (what ``--json`` prints).
+
+    Args:
+        options: what to run.
+        metrics: counts every scheduler's requests and follows the running one (for a metrics
+            endpoint the caller serves).
+    """
     from rich.console import Console
 
     console = Console()
@@ -529,7 +574,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         for policy in order:
             live = _Live(policy=f"{policy} (round {r + 1}/{rounds})")
             outs, model_busy, took = _play(
-                policy, specs, jobs, segment_s, live, grace_s, options, console
+                policy, specs, jobs, segment_s, live, grace_s, options, console, metrics
             )
             outcomes[policy].extend(outs)
             elapsed[policy] += took
@@ -555,13 +600,14 @@ def _play(
     grace_s: float,
     options: DemoOptions,
     console: Any,
+    metrics: DemoMetrics | None,
 ) -> tuple[list[Outcome], dict[str, dict[str, float]], float]:
     from rich.live import Live
 
     async def main() -> tuple[list[Outcome], dict[str, dict[str, float]], float]:
         if not (options.live and console.is_terminal):
             return await _run_policy(
-                policy, specs, jobs, duration_s, live, grace_s, options.scheduler_options
+                policy, specs, jobs, duration_s, live, grace_s, options.scheduler_options, metrics
             )
         with Live(_live_view(live), console=console, refresh_per_second=4, transient=True) as lv:
 
@@ -573,8 +619,9 @@ def _play(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(refresh)
                 result = await _run_policy(
-                    policy, specs, jobs, duration_s, live, grace_s, options.scheduler_options
-                )
+                    policy, specs, jobs, duration_s, live, grace_s, options.scheduler_options,
+                    metrics,
+                )  # fmt: skip
                 tg.cancel_scope.cancel()
             return result
 

@@ -8,6 +8,12 @@ directly. It may keep its own small state (a rotation, a seeded RNG, hysteresis 
 A policy must only return a candidate that can serve the request's kind and is available
 (``table.available(i)``: ready, not down, mailbox not full), or ``None`` when it will not place
 the request; the router checks and raises on a violation.
+
+A policy that only ever uses some of the capable candidates for a request (``static`` sends each
+kind to one model) may also define ``scope(request, candidates)``, returning those candidates'
+indices whatever their load. When the policy declines, the scheduler reads it to tell "every model
+it may use is down" (:class:`~zeta.ModelUnavailable`) from "they are all full"
+(:class:`~zeta.Overloaded`); without it, every capable candidate is in scope.
 """
 
 from __future__ import annotations
@@ -178,6 +184,11 @@ class StaticPolicy:
             models = cache[1][kind] = _primary_models(kind, candidates)
         return models
 
+    def scope(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[int]:
+        """The rule's model's replicas: the only candidates this policy ever uses for the kind."""
+        models = self.primary(request.kind, candidates)
+        return [c.index for c in candidates if c.model in models and request.kind in c.kinds]
+
     def choose(
         self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
     ) -> int | None:
@@ -274,6 +285,18 @@ class ThresholdPolicy:
             if c.model == model and request.kind in c.kinds and table.available(c.index)
         ]
         return self._rotation.pick_min(keyed)
+
+    def scope(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[int]:
+        """Every capable candidate, except that a ``reason`` request harder than
+        ``max_spill_difficulty`` never goes to a model that neither is the rule's nor prefers it."""
+        kind = request.kind
+        primary = self._static.primary(kind, candidates)
+        hard = kind is Kind.REASON and request.difficulty > self.max_spill_difficulty
+        return [
+            c.index
+            for c in candidates
+            if kind in c.kinds and (not hard or c.model in primary or kind in c.preferred)
+        ]
 
     def choose(
         self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]

@@ -115,6 +115,20 @@ class Router:
             )
         return i
 
+    def scope(self, request: RouteRequest) -> tuple[int, ...]:
+        """Rows the policy may place ``request`` on, whatever their state and load.
+
+        The policy's own ``scope(request, candidates)`` if it has one (``static`` uses one model
+        per kind), else every capable row; only capable rows are kept either way. Read when the
+        policy declines, to tell "all down" from "all full".
+        """
+        capable = self.capable[request.kind]
+        scope = getattr(self.policy, "scope", None)
+        if scope is None:
+            return capable
+        allowed = set(scope(request, self.candidates))
+        return tuple(i for i in capable if i in allowed)
+
     def fallback(self, request: RouteRequest) -> int | None:
         """The kernel's choice regardless of policy (used to retry off a dead actor)."""
         i = self.table.choose(request.kind_index, request.est_tokens)

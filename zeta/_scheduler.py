@@ -12,12 +12,13 @@ import enum
 import itertools
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
 import anyio.lowlevel
@@ -26,12 +27,14 @@ from anyio.abc import TaskStatus
 from ._actor import LoopHandle, ModelActor, ThreadWorker, ToThreadWorker, Worker
 from ._calibration import Calibrator
 from ._classifier import Classifier, HeuristicClassifier
+from ._config import Config, MetricsConfig, load_config
 from ._exceptions import (
     ActorDead,
     ConfigError,
     DeadlineExceeded,
     InvalidInputError,
     InvalidRequestError,
+    ModelLoadError,
     ModelUnavailable,
     NoCapableModelError,
     Overloaded,
@@ -51,6 +54,9 @@ from .backends._base import BackendFactory, CompletionParams
 from .telemetry._logging import get_logger
 from .telemetry._recorder import Outcome, Recorder
 from .telemetry._samplers import UtilisationSampler
+
+if TYPE_CHECKING:
+    from .telemetry._server import MetricsServer
 
 __all__ = ["Scheduler", "TokenStream"]
 
@@ -134,6 +140,12 @@ class Scheduler:
     with the caller's own cancellation. :class:`~zeta.TryAgainError` subclasses (overloaded, model
     unavailable, actor dead, deadline exceeded) mean "retry later";
     :class:`~zeta.InvalidInputError` subclasses mean "the request is wrong".
+
+    A model whose file fails to load stops the scheduler starting with
+    :class:`~zeta.ModelLoadError`, unless its spec is ``optional``: then it starts without it
+    (one ``model_load_failed`` warning), the model's actors show as ``DOWN`` and are probed until
+    the file loads, and a request that only that model could serve fails with
+    :class:`~zeta.ModelUnavailable`.
 
     Args:
         models: the models to schedule onto; each replica becomes one actor.
@@ -297,6 +309,31 @@ class Scheduler:
         self._stopped: anyio.Event | None = None
         self._close_requested = False
         self._stack: AsyncExitStack | None = None
+        self._metrics_config: MetricsConfig | None = None
+        #: The metrics endpoint :meth:`from_config` asked for, while the scheduler runs.
+        self.metrics_server: MetricsServer | None = None
+
+    @classmethod
+    def from_config(cls, config: Config | str | os.PathLike[str], **overrides: Any) -> Scheduler:
+        """A scheduler as a config file (or a loaded :class:`~zeta.Config`) describes it::
+
+            async with Scheduler.from_config("zeta.toml") as zs:
+                ...
+
+        Models (``optional`` ones included), policy and its parameters, and mailbox capacity
+        come from the config; ``overrides`` are further keyword arguments of the constructor,
+        and win over the config's. If the config's ``[metrics]`` is enabled, the scheduler
+        serves Prometheus metrics there while it runs (:attr:`metrics_server`).
+
+        Raises:
+            ConfigError: the file is missing or invalid (the message names the key).
+        """
+        if not isinstance(config, Config):
+            config = load_config(config)
+        scheduler = cls(**{**config.scheduler_kwargs(), **overrides})
+        if config.metrics.enabled:
+            scheduler._metrics_config = config.metrics
+        return scheduler
 
     # -- introspection ----------------------------------------------------------------------
     @property
@@ -352,10 +389,13 @@ class Scheduler:
     async def run(self, *, task_status: TaskStatus[Scheduler] = anyio.TASK_STATUS_IGNORED) -> None:
         """Open every context, serve until :meth:`close`, then shut down gracefully.
 
-        Reports ``self`` to ``task_status`` once every model is loaded and requests are admitted.
+        Reports ``self`` to ``task_status`` once every model is loaded (or, for an ``optional``
+        one, has failed to) and requests are admitted.
 
         Raises:
-            ModelLoadError: a model could not be opened (nothing is left running).
+            ModelLoadError: a model that is not optional could not be opened, or no model could
+                (nothing is left running).
+            OSError: the metrics endpoint :meth:`from_config` asked for could not bind.
             RuntimeError: the scheduler already ran.
         """
         if self._phase is not _Phase.NEW:
@@ -371,6 +411,11 @@ class Scheduler:
         self._supervisor.start()
         startup_error: Exception | None = None
         try:
+            if self._metrics_config is not None:  # bind first: a taken port fails fast
+                from .telemetry._server import serve_metrics
+
+                m = self._metrics_config
+                self.metrics_server = serve_metrics(self, m.host, m.port)
             async with anyio.create_task_group() as tg:
                 make_worker: Callable[[str], Worker]
                 if self._worker_kind == "thread":
@@ -380,16 +425,18 @@ class Scheduler:
                 for actor in self._actors:
                     actor.configure(handle, make_worker)
                 try:
-                    await self._open_all()
+                    unloaded = await self._open_all()
                 except Exception as exc:
                     startup_error = exc
                     tg.cancel_scope.cancel()
                 else:
                     for actor in self._actors:
-                        actor.set_state(ActorState.READY)
+                        loaded = actor not in unloaded
+                        actor.set_state(ActorState.READY if loaded else ActorState.DOWN)
                         tg.start_soon(
                             self._supervisor.supervise,
                             actor,
+                            loaded,
                             name=f"zeta actor {actor.name}[{actor.replica}]",
                         )
                     tg.start_soon(self._supervisor.sample_forever, name="zeta sampler")
@@ -414,16 +461,37 @@ class Scheduler:
                     close_sampler()  # releases NVML if the default sampler opened it
                 except Exception as exc:
                     log.warning("sampler_close_failed", error=repr(exc))
+            server, self.metrics_server = self.metrics_server, None
+            if server is not None:
+                with anyio.CancelScope(shield=True):
+                    await server.aclose()
             self._stopped.set()
         if startup_error is not None:
             raise startup_error
 
-    async def _open_all(self) -> None:
-        """Open every context concurrently (each on its own worker); raise the first failure."""
+    async def _open_all(self) -> set[ModelActor]:
+        """Open every context concurrently (each on its own worker).
+
+        Returns the actors of ``optional`` models whose file failed to load, after one
+        ``model_load_failed`` warning per such model.
+
+        Raises:
+            ModelLoadError: a model that is not optional failed to load, or every actor did.
+            Exception: any other failure to open a context (a backend bug is not a bad file).
+        """
         jobs = [(actor, actor.begin_open()) for actor in self._actors]
+        failed: dict[str, tuple[ModelLoadError, list[ModelActor]]] = {}
         try:
             for actor, job in jobs:
-                await actor.finish_open(job)
+                try:
+                    await actor.finish_open(job)
+                except ModelLoadError as exc:
+                    if not actor.spec.optional:
+                        raise
+                    failed.setdefault(actor.name, (exc, []))[1].append(actor)
+            unloaded = {actor for _, actors in failed.values() for actor in actors}
+            if len(unloaded) == len(self._actors):
+                raise next(iter(failed.values()))[0]
         except BaseException:
             # Let the contexts that are still opening finish and close (bounded), so no thread of
             # a failed startup is still loading weights when the error reaches the caller.
@@ -432,6 +500,15 @@ class Scheduler:
                 for close in closing:
                     await close.wait()
             raise
+        for name, (error, actors) in failed.items():
+            log.warning(
+                "model_load_failed",
+                model=name,
+                path=error.path if error.path is not None else actors[0].spec.path,
+                replicas=[a.replica for a in actors],
+                error=str(error),
+            )
+        return unloaded
 
     async def _teardown(self) -> None:
         """Refuse new work, fail what is queued, let running calls finish (bounded), close contexts."""
@@ -489,7 +566,10 @@ class Scheduler:
 
         Raises:
             Overloaded: every capable mailbox is full (``retry_after`` is a hint in seconds).
-            ModelUnavailable: every capable model is down or restarting.
+            ModelUnavailable: every model the policy may use for the kind is down or
+                restarting (an ``optional`` model that failed to load is down). Raised at once
+                when they are all down, whatever ``admission_timeout`` says: waiting is for room.
+                A kind no configured model serves is :class:`~zeta.NoCapableModelError` instead.
             DeadlineExceeded: the deadline passed (a queued request never runs).
             ActorDead: the model died mid-request and no other capable model could take it.
             InvalidRequestError: the arguments are invalid.
@@ -586,8 +666,8 @@ class Scheduler:
             dl = self._deadline(deadline, now)
             if not self._router.capable[Kind.EMBED]:
                 raise NoCapableModelError("no configured model serves 'embed'")
-        except InvalidInputError:
-            self._record_invalid(rid, Kind.EMBED.value, now)
+        except Exception as exc:
+            self._record_unrouted(rid, Kind.EMBED.value, now, exc)
             raise
         route = RouteRequest(Kind.EMBED, KIND_INDEX[Kind.EMBED], 0.0, 0.5, prio)
         request = Request(
@@ -627,6 +707,7 @@ class Scheduler:
 
         Raises:
             InvalidRequestError, NoCapableModelError: after recording the request as invalid.
+            Exception: whatever a custom classifier raised, after recording it as an error.
         """
         now = self._clock()
         rid = next(self._ids)
@@ -648,8 +729,14 @@ class Scheduler:
                 or not 0.0 <= difficulty <= 1.0
             ):
                 raise InvalidRequestError(f"difficulty must be in [0, 1], got {difficulty!r}")
-            if stop and (isinstance(stop, str) or not all(type(x) is str for x in stop)):
-                raise InvalidRequestError("stop must be a sequence of strings")
+            stops: tuple[str, ...] = ()
+            if stop:
+                try:
+                    stops = () if isinstance(stop, str) else tuple(stop)
+                except TypeError:
+                    pass
+                if not stops or not all(type(x) is str for x in stops):
+                    raise InvalidRequestError("stop must be a sequence of strings")
             if not (type(temperature) in (int, float) and 0.0 <= temperature < math.inf):
                 raise InvalidRequestError(f"temperature must be a number >= 0, got {temperature!r}")
             if type(seed) is not int:
@@ -663,10 +750,12 @@ class Scheduler:
                 diff = 0.5 if difficulty is None else float(difficulty)
             if not self._router.capable[k]:
                 raise NoCapableModelError(f"no configured model serves {k.value!r}")
-        except InvalidInputError:
-            self._record_invalid(rid, label, now)
+            params = CompletionParams(prompt, max_tokens, stops, float(temperature), seed)
+        except Exception as exc:
+            # Also a custom classifier's own exception: it reaches the caller as it is, and the
+            # request is counted (as an error) like every other.
+            self._record_unrouted(rid, label, now, exc)
             raise
-        params = CompletionParams(prompt, max_tokens, tuple(stop), float(temperature), seed)
         return Request(
             rid,
             Op.COMPLETE,
@@ -751,6 +840,10 @@ class Scheduler:
                 _non_negative_request("admission_timeout", limit)
         if self._dispatch(request):
             return
+        if self._out_of_service(request):
+            # Waiting is for room; a down model gains none until a probe brings it back.
+            await anyio.lowlevel.checkpoint()
+            raise self._refusal(request)
         wait = math.inf if limit is None else limit
         if request.deadline is not None:
             wait = min(wait, request.deadline - self._clock())
@@ -775,11 +868,29 @@ class Scheduler:
             raise DeadlineExceeded(f"request {request.id}: deadline passed while waiting for room")
         raise self._refusal(request)
 
+    def _out_of_service(self, request: Request) -> bool:
+        """Whether every actor the policy may use for ``request`` is down (or stopped)."""
+        actors = self._actors
+        return all(
+            actors[i].state in (ActorState.DOWN, ActorState.STOPPED)
+            for i in self._router.scope(request.route)
+        )
+
     def _refusal(self, request: Request) -> TryAgainError:
+        """Why the policy would not place ``request``: no actor it may use is ready
+        (:class:`~zeta.ModelUnavailable`), or they are all full (:class:`~zeta.Overloaded`).
+
+        "May use" is the policy's scope (see :meth:`Router.scope`): under ``static`` a ``code``
+        request whose coder is down is unavailable, even if the reasoner could serve code.
+        """
         kind = request.kind
-        live = [i for i in self._router.capable[kind] if self._actors[i].state is ActorState.READY]
+        scope = self._router.scope(request.route)
+        live = [i for i in scope if self._actors[i].state is ActorState.READY]
         if not live:
-            return ModelUnavailable(f"every model serving {kind.value!r} is down or restarting")
+            names = sorted({self._actors[i].name for i in scope})
+            return ModelUnavailable(
+                f"every model the policy may use for {kind.value!r} is down or restarting: {names}"
+            )
         return Overloaded(
             f"no model can take a {kind.value!r} request now (mailboxes full)",
             retry_after=self._router.retry_after(kind, request.route.est_tokens, live),
@@ -883,15 +994,17 @@ class Scheduler:
                 spilled_from=spilled_from,
             )
 
-    def _record_invalid(self, request_id: int, kind: str, now: float) -> None:
-        self.recorder.request_finished(None, kind, Outcome.INVALID, total_s=self._clock() - now)
+    def _record_unrouted(self, request_id: int, kind: str, now: float, exc: Exception) -> None:
+        """Count a request that failed before it became one (invalid input, a classifier bug)."""
+        outcome = Outcome.INVALID if isinstance(exc, InvalidInputError) else Outcome.ERROR
+        self.recorder.request_finished(None, kind, outcome, total_s=self._clock() - now)
         if _stdlib_log.isEnabledFor(logging.INFO):
             log.info(
                 "request_finished",
                 request_id=request_id,
                 model=None,
                 kind=kind,
-                outcome=Outcome.INVALID.value,
+                outcome=outcome.value,
                 queue_wait_s=None,
                 service_s=None,
                 spilled_from=None,

@@ -6,8 +6,9 @@ another capable actor (a replica of the same model or another model), unless a s
 delivered pieces; otherwise they fail with :class:`~zeta.ActorDead`. The context is then reopened
 after an exponential backoff. More than ``max_restarts`` failures within ``window_s`` mark the
 actor ``DOWN``: the router routes around it and a probe (reopen plus one tiny call) runs every
-``probe_interval_s`` until one succeeds. Each replica is supervised on its own; a model is down
-when all of its replicas are.
+``probe_interval_s`` until one succeeds. An ``optional`` model whose file failed to load at startup
+starts out down, probed the same way. Each replica is supervised on its own; a model is down when
+all of its replicas are.
 
 The same object runs the utilisation sampler and the calibration hook on their timers.
 """
@@ -138,10 +139,16 @@ class Supervisor:
         return self._stop.is_set()
 
     # -- actors -----------------------------------------------------------------------------
-    async def supervise(self, actor: ModelActor) -> None:
-        """Serve ``actor`` until the scheduler closes, restarting its context when it breaks."""
+    async def supervise(self, actor: ModelActor, loaded: bool = True) -> None:
+        """Serve ``actor`` until the scheduler closes, restarting its context when it breaks.
+
+        ``loaded=False``: its context failed to open at startup (an optional model); it is
+        ``DOWN`` and probed until it opens, then served.
+        """
         failures: deque[float] = deque()
         try:
+            if not loaded and not await self._recover(actor):
+                return
             while True:
                 try:
                     await actor.serve()
@@ -228,14 +235,10 @@ class Supervisor:
                     failures=len(failures),
                     window_s=cfg.window_s,
                 )
-                while True:
-                    if await self._pause(cfg.probe_interval_s):
-                        return False
-                    if await self._probe(actor):
-                        failures.clear()
-                        actor.set_state(ActorState.READY)
-                        log.warning("actor_recovered", model=actor.name, replica=actor.replica)
-                        return True
+                if not await self._recover(actor):
+                    return False
+                failures.clear()
+                return True
             actor.set_state(ActorState.RESTARTING)
             backoff = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (len(failures) - 1))
             if await self._pause(backoff):
@@ -256,6 +259,17 @@ class Supervisor:
                 backoff_s=backoff,
             )
             return True
+
+    async def _recover(self, actor: ModelActor) -> bool:
+        """Probe a down actor every ``probe_interval_s`` until a probe succeeds, then mark it
+        ready; ``False`` if the scheduler closes first."""
+        while True:
+            if await self._pause(self.config.probe_interval_s):
+                return False
+            if await self._probe(actor):
+                actor.set_state(ActorState.READY)
+                log.warning("actor_recovered", model=actor.name, replica=actor.replica)
+                return True
 
     async def _probe(self, actor: ModelActor) -> bool:
         try:

@@ -67,6 +67,9 @@ class ModelSpec:
         device: GPU index the model's layers live on, ``None`` for the CPU.
         backend: backend name (``"llama_cpp"`` or ``"simulated"``).
         options: backend-specific options.
+        optional: whether the scheduler may start without this model when its file fails to
+            load (:class:`~zeta.ModelLoadError`). Its actors are then ``DOWN`` (routed around and
+            probed until the file loads) instead of the whole scheduler refusing to start.
     """
 
     name: str
@@ -81,6 +84,7 @@ class ModelSpec:
     device: int | None = None
     backend: str = "llama_cpp"
     options: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not self.name.isprintable():
@@ -104,6 +108,10 @@ class ModelSpec:
             raise ConfigError("must be an integer >= -1", key=f"{key}.n_gpu_layers")
         if self.device is not None and (not isinstance(self.device, int) or self.device < 0):
             raise ConfigError("must be a GPU index >= 0 or absent", key=f"{key}.device")
+        if not isinstance(self.optional, bool):
+            raise ConfigError(
+                f"must be true or false, got {self.optional!r}", key=f"{key}.optional"
+            )
 
     @property
     def file(self) -> Path | None:
