@@ -62,13 +62,9 @@ EMBED_RATE_PER_S = 1.5
 CODE_SURGE_S, REASON_SURGE_S = 2.5, 3.0
 SURGE_PERIOD_S = 6.0
 SURGE_SPREAD_S = 0.4
-#: Scheduler settings of the demo. All three models run on the CPU, where the utilisation the
-#: kernel sees is each actor's own busy fraction. That is the actor's queue seen a second time,
-#: not contention from other tenants of a device (what the term models on a shared GPU), and
-#: with the default weight a busy coder looks up to 20x slower than it is, so nearly any surge
-#: is spilled to the 4x slower reasoner. With the term off, the kernel weighs queue depth and
-#: measured speed alone.
-DEMO_SCHEDULER_OPTIONS: dict[str, Any] = {"contention_weight": 0.0}
+#: Scheduler settings of the demo: the library's defaults, so the demo shows what users get.
+#: (``--set KEY=NUMBER`` overrides a kernel parameter for every policy.)
+DEMO_SCHEDULER_OPTIONS: dict[str, Any] = {}
 
 # Caps that only bind on very fast models (the tiny test rungs), keeping a run light there.
 MAX_RATE_PER_S, MAX_SURGE = 20.0, 40
@@ -97,8 +93,7 @@ class DemoOptions:
             alternating order (A B, B A, ...), each round on a fresh workload and schedulers.
         print_report: print the tables at the end.
         scheduler_options: keyword arguments for every :class:`~zeta.Scheduler` (kernel
-            parameters such as ``spill_penalty``), the same for all policies. The default turns
-            the kernel's contention term off (:data:`DEMO_SCHEDULER_OPTIONS`).
+            parameters such as ``spill_penalty``), the same for all policies.
     """
 
     duration_s: float = 40.0

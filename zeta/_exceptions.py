@@ -73,7 +73,9 @@ class ActorDead(TryAgainError):
 
 
 class ModelUnavailable(TryAgainError):
-    """Raised when every model that could serve a kind is marked down by the supervisor."""
+    """Raised when every model the policy may use for a request is down (crashed too often, or
+    an optional model that failed to load); the supervisor probes them, so a retry may succeed.
+    """
 
 
 class DeadlineExceeded(TryAgainError):

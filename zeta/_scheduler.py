@@ -29,7 +29,6 @@ from ._calibration import Calibrator
 from ._classifier import Classifier, HeuristicClassifier
 from ._config import Config, MetricsConfig, load_config
 from ._exceptions import (
-    ActorDead,
     ConfigError,
     DeadlineExceeded,
     InvalidInputError,
@@ -40,7 +39,6 @@ from ._exceptions import (
     Overloaded,
     SchedulerClosed,
     TryAgainError,
-    ZetaError,
 )
 from ._mailbox import EventLike
 from ._policies import Policy, RouteRequest, make_policy
@@ -52,7 +50,7 @@ from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec, Priority
 from .backends import get_backend
 from .backends._base import BackendFactory, CompletionParams
 from .telemetry._logging import get_logger
-from .telemetry._recorder import Outcome, Recorder
+from .telemetry._recorder import Outcome, Recorder, outcome_of
 from .telemetry._samplers import UtilisationSampler
 
 if TYPE_CHECKING:
@@ -91,23 +89,7 @@ class _RoomWaiter:
 
 
 def _outcome_of(exc: BaseException, cancelled: type[BaseException]) -> Outcome:
-    if isinstance(exc, cancelled):
-        return Outcome.CANCELLED
-    if isinstance(exc, ZetaError):
-        if isinstance(exc, TryAgainError):
-            if isinstance(exc, Overloaded):
-                return Outcome.OVERLOADED
-            if isinstance(exc, DeadlineExceeded):
-                return Outcome.DEADLINE
-            if isinstance(exc, ActorDead):
-                return Outcome.ACTOR_DEAD
-            if isinstance(exc, ModelUnavailable):
-                return Outcome.UNAVAILABLE
-        elif isinstance(exc, InvalidInputError):
-            return Outcome.INVALID
-        elif isinstance(exc, SchedulerClosed):
-            return Outcome.CLOSED
-    return Outcome.ERROR
+    return Outcome.CANCELLED if isinstance(exc, cancelled) else outcome_of(exc)
 
 
 def _non_negative(

@@ -43,6 +43,30 @@ class Outcome(enum.StrEnum):
     CLOSED = "closed"
 
 
+def outcome_of(exc: BaseException) -> Outcome:
+    """The :class:`Outcome` an exception stands for in the ledger (cancellation aside)."""
+    from .._exceptions import (
+        ActorDead,
+        DeadlineExceeded,
+        InvalidInputError,
+        ModelUnavailable,
+        Overloaded,
+        SchedulerClosed,
+    )
+
+    for cls, outcome in (
+        (Overloaded, Outcome.OVERLOADED),
+        (DeadlineExceeded, Outcome.DEADLINE),
+        (ActorDead, Outcome.ACTOR_DEAD),
+        (ModelUnavailable, Outcome.UNAVAILABLE),
+        (InvalidInputError, Outcome.INVALID),
+        (SchedulerClosed, Outcome.CLOSED),
+    ):
+        if isinstance(exc, cls):
+            return outcome
+    return Outcome.ERROR
+
+
 @dataclass
 class Histogram:
     """Cumulative-at-read histogram with fixed bucket bounds."""

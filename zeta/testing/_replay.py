@@ -27,16 +27,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import (
-    ActorDead,
-    DeadlineExceeded,
-    InvalidInputError,
-    ModelUnavailable,
-    Overloaded,
-    SchedulerClosed,
     ZetaError,
 )
 from .._types import SERVED_KINDS, Kind, Priority
-from ..telemetry._recorder import Outcome
+from ..telemetry._recorder import Outcome, outcome_of
 from ._workloads import Arrival
 
 if TYPE_CHECKING:
@@ -104,23 +98,6 @@ class ReplayResult:
     def summary(self) -> ReplaySummary:
         """Shorthand for ``summarize(self.records, self.elapsed_s)``."""
         return summarize(self.records, self.elapsed_s)
-
-
-def outcome_of(exc: ZetaError) -> Outcome:
-    """The :class:`~zeta.Outcome` a typed error stands for (the scheduler's ledger uses the same)."""
-    if isinstance(exc, Overloaded):
-        return Outcome.OVERLOADED
-    if isinstance(exc, DeadlineExceeded):
-        return Outcome.DEADLINE
-    if isinstance(exc, ActorDead):
-        return Outcome.ACTOR_DEAD
-    if isinstance(exc, ModelUnavailable):
-        return Outcome.UNAVAILABLE
-    if isinstance(exc, InvalidInputError):
-        return Outcome.INVALID
-    if isinstance(exc, SchedulerClosed):
-        return Outcome.CLOSED
-    return Outcome.ERROR
 
 
 class _Unset:
