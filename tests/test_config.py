@@ -233,7 +233,6 @@ async def test_an_optional_model_with_a_bad_file_is_left_out_on_llama_cpp(
     damage: str,
     captured_logs: list[dict[str, Any]],
 ) -> None:
-    pytest.importorskip("llama_cpp")
     good = tiny_models["reasoner-tiny"].read_bytes()
     bad = tmp_path / "reasoner.gguf"
     bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"GGML" + good[4:])

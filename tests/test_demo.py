@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
 import pytest
 
 import zeta._demo
@@ -20,8 +21,6 @@ from zeta.__main__ import main
 from zeta._demo import DemoMetrics, DemoOptions, Job, Outcome, build_workload, run_demo, summarize
 from zeta.telemetry import serve_metrics
 from zeta.telemetry._logging import _ZetaHandler
-
-pytest.importorskip("llama_cpp")
 
 
 def test_workload_is_deterministic_and_has_surges() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import llama_cpp  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
 import numpy as np
 import pytest
 
@@ -20,8 +21,6 @@ from zeta import BackendError, InvalidRequestError, Kind, ModelLoadError, ModelS
 from zeta.backends import CompletionParams, get_backend
 from zeta.backends.llama_cpp import LlamaCppBackend, _held_back, check_model_file, open_backend
 from zeta.testing import LadderModel, make_model
-
-pytest.importorskip("llama_cpp")
 
 PROMPT = "def main(): return the answer"
 
