@@ -121,7 +121,6 @@ def test_real_pynvml_without_a_driver_falls_back(
     make_actor: Any, captured_logs: list[dict[str, Any]]
 ) -> None:
     """The real pynvml on this machine: either NVML works, or zeta falls back with one warning."""
-    pytest.importorskip("pynvml")
     devices = NvmlDevices()
     try:
         sampler = DeviceSampler(gpus=devices, cpu=BusyFractionSampler())
