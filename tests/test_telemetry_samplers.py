@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pynvml  # noqa: F401  (nvidia-ml-py is a dependency: a broken install must fail)
 import pytest
 
 from zeta.telemetry import (
