@@ -93,6 +93,20 @@ def test_make_model_reuses_cache_and_force_rewrites(tmp_path: Path) -> None:
     assert make_model("embedder-tiny", directory=tmp_path).read_bytes()[:4] == b"GGUF"
 
 
+def test_custom_models_sharing_a_name_never_share_a_cached_file(tmp_path: Path) -> None:
+    narrow = LadderModel("mine", "coder", n_embd=32, n_layer=1, n_head=2, n_ff=64)
+    wide = LadderModel("mine", "coder", n_embd=64, n_layer=1, n_head=2, n_ff=64)
+    a, b = make_model(narrow, directory=tmp_path), make_model(wide, directory=tmp_path)
+    assert a != b
+    width = gguf.GGUFReader(b).fields["llama.embedding_length"].contents()
+    assert width == 64  # not the 32-wide file cached first under the same name
+    assert make_model(narrow, directory=tmp_path) == a  # and each is still reused
+    # The ladder's own rungs keep their plain names, even when passed as objects.
+    assert (
+        model_path(LADDER["coder"], directory=tmp_path).name == f"coder-s0-v{LADDER_VERSION}.gguf"
+    )
+
+
 def test_interrupted_write_leaves_no_file_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,7 +122,8 @@ def test_interrupted_write_leaves_no_file_behind(
 
 def test_make_ladder_defaults_to_the_three_roles(tmp_path: Path) -> None:
     small = LadderModel("coder-mini", "coder", n_embd=32, n_layer=1, n_head=2, n_ff=64)
-    assert make_model(small, directory=tmp_path).name == f"coder-mini-s0-v{LADDER_VERSION}.gguf"
+    name = make_model(small, directory=tmp_path).name
+    assert name.startswith("coder-mini-") and name.endswith(f"-s0-v{LADDER_VERSION}.gguf")
     paths = make_ladder(["embedder-tiny", "reasoner-tiny"], directory=tmp_path, seed=1)
     assert sorted(paths) == ["embedder-tiny", "reasoner-tiny"]
     assert all(p.is_file() and p.parent == tmp_path for p in paths.values())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import gguf
 import llama_cpp  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
 import numpy as np
 import pytest
@@ -118,6 +119,34 @@ def test_stop_string_cuts_the_text_and_is_never_streamed(coder: LlamaCppBackend)
     assert result.text == full[: full.index(stop)]
     assert "".join(pieces) == result.text
     assert result.completion_tokens < 24
+
+
+class _EndOfGenerationAfter:
+    """``llama_cpp`` as the backend sees it, except that the ``n``-th sampled token onwards is an
+    end-of-generation token (the ladder's models never pick one by themselves)."""
+
+    def __init__(self, lib: Any, n: int) -> None:
+        self._lib, self._left = lib, n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def llama_vocab_is_eog(self, vocab: Any, token: int) -> bool:
+        self._left -= 1
+        return self._left < 0
+
+
+def test_end_of_generation_keeps_text_held_back_for_a_stop_string(
+    coder: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = coder.complete(CompletionParams(PROMPT, max_tokens=6)).text
+    monkeypatch.setattr(coder, "_lib", _EndOfGenerationAfter(coder._lib, 6))
+    pieces: list[str] = []
+    # The last character could start this stop string, so it is held back when the model ends.
+    params = CompletionParams(PROMPT, max_tokens=20, stop=(full[-1] + "\x00",))
+    result = coder.complete(params, pieces.append)
+    assert (result.finish_reason, result.completion_tokens) == ("stop", 6)
+    assert result.text == full == "".join(pieces)
 
 
 def test_stop_string_never_seen_changes_nothing(coder: LlamaCppBackend) -> None:
@@ -335,6 +364,52 @@ def test_bad_model_file_is_a_model_load_error_naming_it(
         get_backend("llama_cpp")(_spec(path), 0)
     assert info.value.path == str(path)
     assert str(path) in str(info.value)
+
+
+def test_broken_llama_cpp_install_is_a_model_load_error(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeta.backends import llama_cpp as backend_module
+
+    def unloadable() -> None:  # what llama-cpp-python raises when its shared library will not load
+        raise RuntimeError("Failed to load shared library 'libllama.so': libcuda.so.1: not found")
+
+    monkeypatch.setattr(backend_module, "_llama", unloadable)
+    with pytest.raises(ModelLoadError, match="libcuda") as info:
+        open_backend(_spec(tiny_models["coder-tiny"]), 0)
+    assert info.value.path == str(tiny_models["coder-tiny"])
+
+
+def _reranker(tmp_path: Path, good: Path) -> Path:
+    """A copy of ``good`` whose metadata says it pools by rank, as reranker models do."""
+    path = tmp_path / "rank.gguf"
+    path.write_bytes(good.read_bytes())
+    reader = gguf.GGUFReader(path, "r+")
+    reader.fields["llama.pooling_type"].parts[-1][0] = gguf.PoolingType.RANK
+    del reader
+    return path
+
+
+def test_reranker_model_never_reads_past_its_scores_as_a_vector(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    path = _reranker(tmp_path, tiny_models["embedder-tiny"])
+    with pytest.raises(ModelLoadError, match="rank"):
+        open_backend(_spec(path, kinds=frozenset({Kind.EMBED})), 0)
+    generator = open_backend(_spec(path, kinds=frozenset({Kind.SIMPLE})), 0)
+    try:
+        with pytest.raises(InvalidRequestError, match="reranker"):
+            generator.embed(["hello world"])
+    finally:
+        generator.close()
+    overridden = open_backend(
+        _spec(path, kinds=frozenset({Kind.EMBED}), options={"pooling": "mean"}), 0
+    )
+    try:
+        (vector,) = overridden.embed(["hello world"]).vectors
+        assert len(vector) == overridden.n_embd
+    finally:
+        overridden.close()
 
 
 def test_header_check_runs_before_llama_cpp(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -265,9 +265,11 @@ class LlamaCppBackend:
         use_mmap = _option(spec, "use_mmap", bool, True)
         try:
             lib = _llama()
-        except ImportError as exc:
+        except (ImportError, OSError, RuntimeError) as exc:
+            # llama-cpp-python raises RuntimeError or FileNotFoundError, not ImportError, when
+            # its shared library is missing or will not load (a CUDA wheel on a host without CUDA).
             raise ModelLoadError(
-                f"the llama_cpp backend needs llama-cpp-python ({exc})", path=str(path)
+                f"the llama_cpp backend needs a working llama-cpp-python ({exc})", path=str(path)
             ) from exc
         self._lib = lib
         self._lock = threading.Lock()
@@ -315,6 +317,12 @@ class LlamaCppBackend:
             self.n_batch: int = lib.llama_n_batch(ctx)
             self.n_embd: int = lib.llama_model_n_embd(model)
             self.pooling: int = lib.llama_pooling_type(ctx)
+            if self.pooling == lib.LLAMA_POOLING_TYPE_RANK and Kind.EMBED in spec.kinds:
+                raise ModelLoadError(
+                    "the model pools by rank (a reranker: one score per text, not a vector), so "
+                    "it cannot serve embeddings; set options.pooling to override",
+                    path=str(path),
+                )
             self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         except BaseException:
             self._free()
@@ -505,6 +513,7 @@ class LlamaCppBackend:
         n_out = 0
         first_token_s = 0.0
         finish = "length"
+        at_stop_string = False
         self._prefill(prompt)
         sampler = self._sampler(params)
         try:
@@ -522,6 +531,7 @@ class LlamaCppBackend:
                     cut = min((i for s in stops if (i := pending.find(s)) >= 0), default=-1)
                     if cut >= 0:
                         emit, pending, finish = pending[:cut], "", "stop"
+                        at_stop_string = True
                     else:
                         cut = len(pending) - _held_back(pending, stops, longest_stop)
                         emit, pending = pending[:cut], pending[cut:]
@@ -538,11 +548,13 @@ class LlamaCppBackend:
                     self._decode_tokens((token,))
         finally:
             lib.llama_sampler_free(sampler)
-        if finish != "stop":
+        # Text held back as a possible stop-string start is final unless a stop string cut it:
+        # an end-of-generation token ends the text as surely as the length limit does.
+        if not at_stop_string:
             tail = pending + decoder.decode(b"", final=True)
             if tail:
                 out.append(tail)
-                if finish == "length" and on_token is not None:
+                if finish != "cancelled" and on_token is not None:
                     on_token(tail)
         return Completion(
             text="".join(out),
@@ -558,6 +570,9 @@ class LlamaCppBackend:
         if isinstance(texts, str):
             raise InvalidRequestError("embed() takes a sequence of texts, not one string")
         lib = self._lib
+        if self.pooling == lib.LLAMA_POOLING_TYPE_RANK:
+            # llama.cpp's per-sequence output is then n_cls_out scores, not n_embd floats.
+            raise InvalidRequestError(f"model {self.spec.name!r} is a reranker; it cannot embed")
         vectors: list[list[float]] = []
         n_tokens = 0
         if not self._embeddings_only:

@@ -19,6 +19,8 @@ Two properties make the files convenient to schedule onto:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -209,11 +211,19 @@ def _resolve(model: str | LadderModel) -> LadderModel:
 def model_path(
     model: str | LadderModel, *, seed: int = 0, directory: str | os.PathLike[str] | None = None
 ) -> Path:
-    """The cache path of a ladder model for ``seed`` (whether or not it exists yet)."""
+    """The cache path of a ladder model for ``seed`` (whether or not it exists yet).
+
+    A custom :class:`LadderModel` (not the :data:`LADDER` entry of its name) gets a digest of its
+    shape in the name too, so two shapes under one name never share a cached file.
+    """
     m = _resolve(model)
+    stem = m.name
+    if LADDER.get(m.name) != m:
+        digest = hashlib.sha256(repr(dataclasses.astuple(m)).encode()).hexdigest()[:10]
+        stem = f"{m.name}-{digest}"
     return (
         Path(directory) if directory else cache_dir()
-    ) / f"{m.name}-s{seed}-v{LADDER_VERSION}.gguf"
+    ) / f"{stem}-s{seed}-v{LADDER_VERSION}.gguf"
 
 
 def make_model(
