@@ -15,6 +15,7 @@ Floating-point results match the reference bit for bit: the cost expression is e
 the same order, and setup.py compiles with ``-ffp-contract=off`` so no FMA changes a rounding.
 """
 
+cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -111,6 +112,18 @@ cdef inline Py_ssize_t _scan(
     return best
 
 
+cdef inline bint _disjoint(
+    const char* a, Py_ssize_t n_a, Py_ssize_t stride_a, size_t size_a,
+    const char* b, Py_ssize_t n_b, Py_ssize_t stride_b, size_t size_b,
+) noexcept nogil:
+    """Whether two non-empty strided 1-D buffers share no byte (strides may be negative)."""
+    cdef const char* lo_a = a + (stride_a * (n_a - 1) if stride_a < 0 else 0)
+    cdef const char* hi_a = a + (0 if stride_a < 0 else stride_a * (n_a - 1)) + size_a
+    cdef const char* lo_b = b + (stride_b * (n_b - 1) if stride_b < 0 else 0)
+    cdef const char* hi_b = b + (0 if stride_b < 0 else stride_b * (n_b - 1)) + size_b
+    return hi_a <= lo_b or hi_b <= lo_a
+
+
 # -- validation: fast paths for exact int/float, the reference's validators otherwise --------
 
 cdef inline str _name(str name, Py_ssize_t at):
@@ -204,6 +217,9 @@ def peak_ewma(old, sample, dt, tau):
     return _peak_ewma(o, s, d, t)
 
 
+# boundscheck on: with it off, Cython reads and writes list items unchecked, and the validators
+# run Python code (__float__, __index__, __bool__) that may shrink a list after its length check.
+@cython.boundscheck(True)
 def score(
     queue,
     in_flight,
@@ -382,8 +398,10 @@ cdef class ScoreTable:
     def set_capability(self, i, kind, capable, penalty=0.0):
         """Say whether candidate ``i`` can serve ``kind``, at what extra cost (seconds)."""
         cdef Py_ssize_t j = self._index(i) * self._k + self._kind(kind)
-        self._penalty[j] = _number(penalty, "penalty")
-        self._capable[j] = bool(capable)
+        cdef double p = _number(penalty, "penalty")
+        cdef bint c = bool(capable)  # may raise (a numpy array): before any state changes
+        self._penalty[j] = p
+        self._capable[j] = c
 
     def set_available(self, i, available):
         """Mark candidate ``i`` as able to take work (alive, up, mailbox not full) or not."""
@@ -501,6 +519,7 @@ cdef class ScoreTable:
         self._rot = after if after < self._n else 0
         return best
 
+    @cython.boundscheck(True)  # the costs list can shrink under us (an old item's __del__)
     def choose(self, kind, est_tokens, costs=None):
         """Return the cheapest candidate for one message, or ``NO_CANDIDATE``.
 
@@ -573,6 +592,19 @@ cdef class ScoreTable:
                 f"kinds, est_tokens and out must have equal lengths, got "
                 f"{m}, {ev.shape[0]}, {ov.shape[0]}"
             )
+        # The loop reads kinds[x] and est_tokens[x] after writing out[:x]; if out shares memory
+        # with either, the reference (which copies all inputs first) is what the copying path does.
+        if m > 0 and not (
+            _disjoint(
+                <const char*>&ov[0], m, ov.strides[0], sizeof(int),
+                <const char*>&kv[0], m, kv.strides[0], sizeof(int),
+            )
+            and _disjoint(
+                <const char*>&ov[0], m, ov.strides[0], sizeof(int),
+                <const char*>&ev[0], m, ev.strides[0], sizeof(double),
+            )
+        ):
+            return self._choose_batch_generic(kinds, est_tokens, out, res)
         with nogil:
             for x in range(m):
                 if not (0 <= kv[x] < self._k and 0.0 <= ev[x] <= DBL_MAX):
@@ -586,33 +618,37 @@ cdef class ScoreTable:
             m = self._run_batch(kv, ev, ov, res)
         return m
 
+    @cython.boundscheck(True)  # the inputs are Python sequences that validation may shrink
     cdef object _choose_batch_generic(
         self, object kinds, object est_tokens, object out, bint reserve
     ):
-        """choose_batch for inputs that are not int32/float64 buffers.
+        """choose_batch for inputs that are not int32/float64 buffers (or that overlap ``out``).
 
-        Validates each element like the reference, copies them into int32/float64 arrays, runs
-        the same loop, and copies the choices back into ``out``.
+        Validates each element like the reference and copies them into int32/float64 arrays,
+        then decides and writes ``out[x]`` one message at a time, as the reference does, so an
+        ``out`` that rejects a write fails at the same message with the same state.
         """
         cdef Py_ssize_t m = len(kinds)
-        cdef Py_ssize_t x, misses
+        cdef Py_ssize_t x, c
+        cdef Py_ssize_t misses = 0
         cdef int[:] kv
         cdef double[:] ev
-        cdef int[:] ov
         if len(est_tokens) != m or len(out) != m:
             raise KernelInputError(
                 f"kinds, est_tokens and out must have equal lengths, got "
                 f"{m}, {len(est_tokens)}, {len(out)}"
             )
-        kv = _array("i", bytes(m * sizeof(int)))
-        ev = _array("d", bytes(m * sizeof(double)))
-        ov = _array("i", bytes(m * sizeof(int)))
+        # array * m raises MemoryError where m * itemsize would overflow (a huge __len__).
+        kv = _array("i", [0]) * m
+        ev = _array("d", [0.0]) * m
         for x in range(m):
             kv[x] = self._kind(kinds[x])
             ev[x] = _number(est_tokens[x], "est_tokens", x)
-        with nogil:
-            misses = self._run_batch(kv, ev, ov, reserve)
         for x in range(m):
-            out[x] = ov[x]
+            c = self._decide(kv[x], ev[x], NULL)
+            out[x] = c
+            if c == _NO_CANDIDATE:
+                misses += 1
+            elif reserve:
+                self._queue[c] += 1
         return misses
-

@@ -927,6 +927,143 @@ def test_choose_batch_counts_misses(kernel: ModuleType) -> None:
     assert snapshot(t) == snapshot(_table(kernel))  # reserve=False: load untouched
 
 
+# -- hostile inputs: callbacks that mutate the inputs, buffers that overlap ---------------------
+# Validation runs Python code (__float__, __index__, a finaliser), which may shrink a list after
+# its length was checked. The compiled kernel is built with boundscheck off, so these crashed it;
+# both kernels must raise the reference's IndexError instead.
+
+
+def _shrinking(victim: list[Any], value: Any) -> Any:
+    """An object that empties ``victim`` when the kernel converts it to a number."""
+
+    class Shrinking:
+        def __float__(self) -> float:
+            victim.clear()
+            return float(value)
+
+        def __index__(self) -> int:
+            victim.clear()
+            return int(value)
+
+    return Shrinking()
+
+
+@pytest.mark.parametrize("victim", [0, 7, 8], ids=["queue", "available", "costs"])
+def test_score_survives_an_input_list_shrunk_by_validation(kernel: ModuleType, victim: int) -> None:
+    args = _score_args()
+    costs = [0.0] * 3
+    target = costs if victim == 8 else args[victim]
+    args[2] = [_shrinking(target, 0.1), 0.1, 0.1]  # ewma_req[0], validated after queue[0]
+    with pytest.raises(IndexError):
+        kernel.score(*args, 0, costs)
+
+
+def test_choose_survives_a_costs_list_shrunk_by_a_finaliser(kernel: ModuleType) -> None:
+    costs: list[Any] = []
+
+    class EmptiesCostsWhenDropped:
+        def __del__(self) -> None:
+            costs.clear()
+
+    costs.extend([EmptiesCostsWhenDropped(), 0.0, 0.0])
+    with pytest.raises(IndexError):
+        _table(kernel).choose(0, 1.0, costs)
+
+
+@pytest.mark.parametrize("victim", ["kinds", "est_tokens", "out"])
+def test_choose_batch_survives_an_input_list_shrunk_by_validation(
+    kernel: ModuleType, victim: str
+) -> None:
+    tables = []
+    for k in (kernel, _scoring_py):  # ends in the reference's state (out: after one decision)
+        t = _table(k)
+        lists: dict[str, list[Any]] = {"kinds": [0] * 3, "est_tokens": [1.0] * 3, "out": [7] * 3}
+        lists["kinds"][0] = _shrinking(lists[victim], 0)
+        with pytest.raises(IndexError):
+            t.choose_batch(lists["kinds"], lists["est_tokens"], lists["out"])
+        tables.append(t)
+    assert snapshot(tables[0]) == snapshot(tables[1])
+    assert tables[0].choose(0, 1.0) == tables[1].choose(0, 1.0)
+
+
+def test_choose_batch_into_a_read_only_out_fails_like_the_reference(kernel: ModuleType) -> None:
+    tables = []
+    for k in (kernel, _scoring_py):
+        t = _table(k)
+        out = np.full(3, 7, dtype=np.int32)
+        out.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            t.choose_batch([0, 0, 0], [1.0] * 3, out)
+        tables.append(t)
+    assert snapshot(tables[0]) == snapshot(tables[1])  # one decision, not reserved
+    assert tables[0].choose(0, 1.0) == tables[1].choose(0, 1.0)
+
+
+def test_choose_batch_with_a_huge_reported_length_raises_memory_error(kernel: ModuleType) -> None:
+    class Huge:
+        """Claims 2**62 elements: m * sizeof(int) wraps to 0 in 64-bit arithmetic."""
+
+        def __len__(self) -> int:
+            return 2**62
+
+        def __getitem__(self, x: int) -> int:
+            return 0
+
+        def __setitem__(self, x: int, value: int) -> None:
+            pass
+
+    with pytest.raises(MemoryError):
+        _table(kernel).choose_batch(Huge(), Huge(), Huge())
+
+
+def _overlapping(case: str, m: int) -> tuple[Any, Any, Any]:
+    """kinds, est_tokens and out for ``m`` kind-0 messages, ``out`` sharing memory with one."""
+    if case == "est_ahead":  # out[x] is the high half of est_tokens[x + 1]
+        ests = np.ones(m + 1, dtype=np.float64)
+        return np.zeros(m, dtype=np.int32), ests[:m], ests.view(np.int32)[3::2]
+    buf = np.zeros(m + 1, dtype=np.int32)
+    views = {
+        "same": (buf[:m], buf[:m]),
+        "out_ahead": (buf[:m], buf[1:]),  # out[x] is kinds[x + 1]
+        "out_behind": (buf[1:], buf[:m]),
+        "reversed": (buf[:m], buf[m - 1 :: -1]),
+    }
+    kinds, out = views[case]
+    return kinds, np.ones(m, dtype=np.float64), out
+
+
+@pytest.mark.parametrize("case", ["same", "out_ahead", "out_behind", "reversed", "est_ahead"])
+def test_choose_batch_with_out_overlapping_an_input_reads_the_inputs_first(
+    kernel: ModuleType, case: str
+) -> None:
+    # Kind 0: candidate 1 for est_tokens 1 (cost 0.5 < 1.1), candidate 0 for a tiny estimate;
+    # kind 1: candidate 0 only. A choice written over an input not yet read changes a decision.
+    t, twin = kernel.ScoreTable(2, 2), kernel.ScoreTable(2, 2)
+    for table in (t, twin):
+        table.set_capability(0, 0, True)
+        table.set_capability(1, 0, True)
+        table.set_capability(0, 1, True)
+        table.set_ewma(0, 0.1, 1.0, 0.0)
+        table.set_ewma(1, 0.5, 0.0, 0.0)
+    kinds, ests, out = _overlapping(case, 4)
+    expected_out = array.array("i", [7] * 4)
+    expected = twin.choose_batch(
+        array.array("i", kinds.tolist()), array.array("d", ests.tolist()), expected_out, False
+    )
+    assert t.choose_batch(kinds, ests, out, False) == expected
+    assert out.tolist() == expected_out.tolist()
+    assert snapshot(t) == snapshot(twin)
+
+
+def test_set_capability_changes_nothing_when_capable_has_no_truth_value(
+    kernel: ModuleType,
+) -> None:
+    t, twin = _table(kernel), _table(kernel)
+    with pytest.raises(ValueError, match="truth value"):
+        t.set_capability(0, 0, np.array([True, False]), 5.0)
+    assert snapshot(t) == snapshot(twin)
+
+
 # -- implementation selection -------------------------------------------------------------------
 
 _PROBE = (

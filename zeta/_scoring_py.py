@@ -310,8 +310,10 @@ class ScoreTable:
     def set_capability(self, i: int, kind: int, capable: bool, penalty: float = 0.0) -> None:
         """Say whether candidate ``i`` can serve ``kind``, at what extra cost (seconds)."""
         j = self._idx(i) * self._k + self._kind(kind)
-        self._penalty[j] = _check("penalty", penalty)
-        self._capable[j] = bool(capable)
+        p = _check("penalty", penalty)
+        c = bool(capable)  # may raise (a numpy array): before any state changes
+        self._penalty[j] = p
+        self._capable[j] = c
 
     def set_available(self, i: int, available: bool) -> None:
         """Mark candidate ``i`` as able to take work (alive, up, mailbox not full) or not."""
