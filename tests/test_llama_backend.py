@@ -149,6 +149,36 @@ def test_end_of_generation_keeps_text_held_back_for_a_stop_string(
     assert result.text == full == "".join(pieces)
 
 
+class _FailingTopK:
+    """The real library, except that building a top-k sampler fails; records sampler frees."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.freed: list[object] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def llama_sampler_init_top_k(self, k: int) -> object:
+        raise RuntimeError("no top-k today")
+
+    def llama_sampler_free(self, chain: object) -> None:
+        self.freed.append(chain)
+        self._lib.llama_sampler_free(chain)
+
+
+def test_a_sampler_that_fails_to_build_frees_the_chain(
+    coder: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lib = _FailingTopK(coder._lib)
+    monkeypatch.setattr(coder, "_lib", lib)
+    with pytest.raises(RuntimeError, match="no top-k"):
+        coder.complete(CompletionParams(PROMPT, max_tokens=4, temperature=0.7))
+    assert len(lib.freed) == 1
+    monkeypatch.undo()
+    assert coder.complete(CompletionParams(PROMPT, max_tokens=4)).completion_tokens == 4
+
+
 def test_stop_string_never_seen_changes_nothing(coder: LlamaCppBackend) -> None:
     full = coder.complete(CompletionParams(PROMPT, max_tokens=16))
     pieces: list[str] = []

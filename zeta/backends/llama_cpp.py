@@ -479,16 +479,20 @@ class LlamaCppBackend:
     def _sampler(self, params: CompletionParams) -> Any:
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if params.temperature <= 0.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-        else:
-            top_k, top_p, min_p = self._sampling
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(top_k))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(top_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(min_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
-            seed = params.seed & 0xFFFFFFFF
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        try:
+            if params.temperature <= 0.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            else:
+                top_k, top_p, min_p = self._sampling
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(top_k))
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(top_p, 1))
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(min_p, 1))
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+                seed = params.seed & 0xFFFFFFFF
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        except BaseException:
+            lib.llama_sampler_free(chain)  # frees the samplers already added too
+            raise
         return chain
 
     def _complete(self, params: CompletionParams, on_token: TokenCallback | None) -> Completion:
@@ -608,7 +612,10 @@ class LlamaCppBackend:
         if rc != 0:
             raise BackendError(f"model {self.spec.name!r}: llama_decode failed ({rc}) embedding")
         if self.pooling == lib.LLAMA_POOLING_TYPE_NONE:
-            per_token = np.ctypeslib.as_array(lib.llama_get_embeddings(self._ctx), (n, self.n_embd))
+            ptr = lib.llama_get_embeddings(self._ctx)
+            if not ptr:
+                raise BackendError(f"model {self.spec.name!r}: llama.cpp returned no embeddings")
+            per_token = np.ctypeslib.as_array(ptr, (n, self.n_embd))
             vec = per_token.mean(axis=0, dtype=np.float64)
         else:
             ptr = lib.llama_get_embeddings_seq(self._ctx, 0)
