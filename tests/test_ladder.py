@@ -148,3 +148,10 @@ def test_bad_ladder_inputs_are_config_errors() -> None:
         LadderModel("x", "painter", n_embd=64, n_layer=1, n_head=2, n_ff=64)
     with pytest.raises(ConfigError, match="n_head"):
         LadderModel("x", "coder", n_embd=64, n_layer=1, n_head=3, n_ff=64)
+
+
+@pytest.mark.parametrize("field", ["n_embd", "n_layer", "n_head", "n_ff", "n_ctx_train"])
+def test_ladder_model_shape_must_be_positive(field: str) -> None:
+    shape = {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_ff": 128, field: 0}
+    with pytest.raises(ConfigError, match=field):
+        LadderModel("bad", "coder", **shape)

@@ -85,6 +85,10 @@ class LadderModel:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"unknown role {self.role!r}; expected one of {sorted(ROLES)}")
+        for key in ("n_embd", "n_layer", "n_head", "n_ff", "n_ctx_train"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"must be an integer >= 1, got {value!r}", key=key)
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ConfigError("n_embd / n_head must be an even integer (RoPE pairs)")
 
