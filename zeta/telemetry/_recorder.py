@@ -12,7 +12,7 @@ import enum
 import logging
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .._types import Kind
@@ -240,8 +240,3 @@ class Recorder:
                 calibration_runs=self._calibration_runs,
                 calibration_params=dict(self._calibration_params),
             )
-
-    def models_seen(self) -> Sequence[str]:
-        """Model labels of every request recorded so far, sorted."""
-        with self._lock:
-            return sorted({m for m, _, _ in self._requests})
