@@ -44,9 +44,9 @@ from typing import Any
 
 import anyio
 
-from zeta import Kind, ModelSpec, Scheduler, kernel_implementation
+from zeta import Kind, ModelSpec, Scheduler, Scoring, kernel_implementation
+from zeta._ladder import ROLES
 from zeta._policies import POLICIES, ThresholdPolicy
-from zeta.testing._ladder import ROLES
 from zeta.testing._replay import ReplayResult, ReplaySummary, replay, summarize, warm_up
 from zeta.testing._workloads import Arrival, agent_fanout, bursty, steady
 
@@ -162,11 +162,13 @@ async def run_one(
         policy=policy,
         admission_timeout=None,
         seed=seed,
-        tau=p["tau"],
-        spill_penalty=p["spill_penalty"],
-        quality_penalty=p["quality_penalty"],
+        scoring=Scoring(
+            tau=p["tau"],
+            contention_weight=p["contention_weight"],
+            spill_penalty=p["spill_penalty"],
+            quality_penalty=p["quality_penalty"],
+        ),
         sample_interval=p["sample_interval"],
-        contention_weight=p["contention_weight"],
     ) as zs:
         await warm_up(zs, arrivals)
         busy0 = {m.name: m.busy_s for m in zs.snapshot().models}

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from zeta import Outcome, Recorder
 from zeta._snapshot import ActorState, ModelSnapshot, SchedulerSnapshot
-from zeta.telemetry import DeviceReading, DeviceSampler, Outcome, Recorder
+from zeta.telemetry import DeviceReading, DeviceSampler
 from zeta.telemetry._logging import reset_logging
 
 # --- telemetry fixtures: fresh metrics registry, captured logs, fake NVML, populated scheduler ---

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import math
+import tempfile
 import textwrap
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import zeta
 from zeta import ActorState, ConfigError, Kind, ModelUnavailable, Scheduler
-from zeta._config import Config, MetricsConfig, load_config, parse_config
+from zeta._config import MAX_CONFIG_BYTES, Config, MetricsConfig, load_config, parse_config
+from zeta._types import Scoring
 from zeta.testing import model_path
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "zeta.toml"
@@ -39,12 +46,14 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert config.mailbox_capacity == 64
     assert config.metrics == MetricsConfig(enabled=False, host="127.0.0.1", port=9464)
     assert config.optional == {"reasoner"}
-    assert config.model("reasoner").optional and not config.model("coder").optional
-    coder = config.model("coder")
+    models = {m.name: m for m in config.models}
+    assert models["reasoner"].optional and not models["coder"].optional
+    coder = models["coder"]
     assert coder.preferred == {Kind.SIMPLE, Kind.CODE} and coder.quality == 1
     assert coder.path == str(model_path("coder"))
-    assert config.model("reasoner").options == {"n_batch": 256}
-    assert config.policy_params == {"spill_penalty": 1.0, "quality_penalty": 0.25}
+    assert models["reasoner"].options == {"n_batch": 256}
+    assert config.policy_params == {}
+    assert config.scoring == Scoring()  # the example spells out the defaults
     assert config.source == EXAMPLE
 
 
@@ -56,6 +65,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert model.backend == "llama_cpp" and model.replicas == 1
     assert isinstance(config, Config) and config.policy == "dynamic"
     assert config.policy_params == {} and not config.metrics.enabled
+    assert config.scoring == Scoring()
 
 
 def test_full_model_entry(tmp_path: Path) -> None:
@@ -125,19 +135,31 @@ def test_simulated_models_need_no_path() -> None:
     assert config.models[0].options == {"per_token_s": 0.01}
 
 
-def test_scheduler_kwargs_split_kernel_and_policy_parameters() -> None:
+def test_scheduler_kwargs_carry_scoring_and_the_policy_apart() -> None:
     models = [{"name": "m", "backend": "simulated"}]
-    dynamic = parse_config({"policy": {"params": {"spill_penalty": 2}}, "models": models})
+    dynamic = parse_config({"scoring": {"spill_penalty": 2}, "models": models})
     kwargs = dynamic.scheduler_kwargs()
-    assert kwargs["policy"] == "dynamic" and kwargs["spill_penalty"] == 2.0
+    assert set(kwargs) == {"models", "mailbox_capacity", "policy", "scoring"}
+    assert kwargs["policy"] == "dynamic" and kwargs["scoring"] == Scoring(spill_penalty=2.0)
     assert kwargs["mailbox_capacity"] == 64 and [m.name for m in kwargs["models"]] == ["m"]
     threshold = parse_config(
-        {"policy": {"name": "threshold", "params": {"high": 0.9, "low": 0.2, "tau": 3}},
-         "models": models}
+        {"policy": {"name": "threshold", "params": {"high": 0.9, "low": 0.2}},
+         "scoring": {"tau": 3}, "models": models}
     )  # fmt: skip
     kwargs = threshold.scheduler_kwargs()
-    assert kwargs["policy"].name == "threshold" and kwargs["tau"] == 3.0
-    assert "high" not in kwargs
+    assert set(kwargs) == {"models", "mailbox_capacity", "policy", "scoring"}
+    assert kwargs["policy"].name == "threshold" and kwargs["policy"].high == 0.9
+    assert kwargs["scoring"] == Scoring(tau=3.0)
+
+
+def test_model_errors_carry_the_entry_s_key_path() -> None:
+    """ModelSpec names its field; the loader puts ``models[i]`` in front, message untouched."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"models": [{"name": "a", "backend": "simulated"},
+                                 {"name": "b", "backend": "simulated", "n_ctx": 8}]})  # fmt: skip
+    assert info.value.key == "models[1].n_ctx"
+    assert info.value.message == "must be between 16 and 16777216, got 8"
+    assert str(info.value) == "models[1].n_ctx: must be between 16 and 16777216, got 8"
 
 
 @pytest.mark.anyio
@@ -288,7 +310,9 @@ async def test_an_optional_model_with_a_bad_file_is_left_out_on_llama_cpp(
         ("[scheduler]\nmailbox_capacity = '64'\n" + MINIMAL, "scheduler.mailbox_capacity",
          "must be an integer, got a string"),
         ("[scheduler]\nmailbox_capacity = 0\n" + MINIMAL, "scheduler.mailbox_capacity",
-         "must be >= 1"),
+         "must be between 1 and 1048576"),
+        ("[scheduler]\nmailbox_capacity = " + "9" * 400 + "\n" + MINIMAL,
+         "scheduler.mailbox_capacity", "an integer of 1329 bits"),
         ("[scheduler]\nmailbox_capacity = true\n" + MINIMAL, "scheduler.mailbox_capacity",
          "got a boolean"),
         ("[metrics]\nport = 70000\n" + MINIMAL, "metrics.port", "between 0 and 65535"),
@@ -302,9 +326,22 @@ async def test_an_optional_model_with_a_bad_file_is_left_out_on_llama_cpp(
          "policy.params.high", "takes no parameter 'high'"),
         ("[policy]\nname = 'threshold'\nparams = { high = 0.3, low = 0.6 }\n" + MINIMAL,
          "policy.params", "low < high"),
-        ("[policy.params]\nspill_penalty = -1\n" + MINIMAL, "policy.params.spill_penalty",
-         "number >= 0"),
-        ("[policy.params]\ntau = 'slow'\n" + MINIMAL, "policy.params.tau", "number >= 0"),
+        ("[policy]\nname = 'threshold'\nparams = { backlog_s = 0 }\n" + MINIMAL,
+         "policy.params.backlog_s", "must be > 0"),
+        ("[policy.params]\nspill_penalty = 1\n" + MINIMAL, "policy.params.spill_penalty",
+         "scoring parameters go in the [scoring] table"),
+        ("[scoring]\nspill_penalty = -1\n" + MINIMAL, "scoring.spill_penalty", ">= 0"),
+        ("[scoring]\ntau = 'slow'\n" + MINIMAL, "scoring.tau", "finite number > 0"),
+        ("[scoring]\ntau = 0\n" + MINIMAL, "scoring.tau", "finite number > 0"),
+        ("[scoring]\ntau = inf\n" + MINIMAL, "scoring.tau", "finite number > 0"),
+        ("[scoring]\ntau = nan\n" + MINIMAL, "scoring.tau", "finite number > 0"),
+        ("[scoring]\ntau = 1e400\n" + MINIMAL, "scoring.tau", "finite number > 0"),
+        ("[scoring]\nquality_penalty = " + "1" * 400 + "\n" + MINIMAL,
+         "scoring.quality_penalty", "finite number >= 0"),
+        ("[scoring]\ncontention_weight = true\n" + MINIMAL, "scoring.contention_weight",
+         "finite number"),
+        ("[scoring]\ntaux = 1\n" + MINIMAL, "scoring.taux", "did you mean 'tau'"),
+        ("scoring = 1\n" + MINIMAL, "scoring", "must be a table"),
         ("policy = 'dynamic'\n" + MINIMAL, "policy", "must be a table"),
         ("[scheduler]\n", "models", "no models configured"),
         ("models = []\n", "models", "non-empty array"),
@@ -327,9 +364,43 @@ async def test_an_optional_model_with_a_bad_file_is_left_out_on_llama_cpp(
          "at least one kind"),
         ("[[models]]\nname = 'a'\npath = 'a'\nkinds = ['code']\npreferred = ['embed']\n",
          "models[0].preferred", "not served"),
-        ("[[models]]\nname = 'a'\npath = 'a'\nreplicas = 0\n", "models[0].replicas", ">= 1"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nreplicas = 0\n", "models[0].replicas",
+         "between 1 and 64"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nreplicas = 65\n", "models[0].replicas",
+         "between 1 and 64"),
         ("[[models]]\nname = 'a'\npath = 'a'\nn_gpu_layers = -2\n", "models[0].n_gpu_layers",
-         ">= -1"),
+         "between -1 and 10000"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nn_ctx = 4294967552\n", "models[0].n_ctx",
+         "between 16 and 16777216, got 4294967552"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nn_threads = " + "9" * 400 + "\n",
+         "models[0].n_threads", "between 1 and 1024, got an integer of 1329 bits"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nquality = 1001\n", "models[0].quality",
+         "between 0 and 1000"),
+        ("[[models]]\nname = 'a'\npath = 'a'\ndevice = -1\n", "models[0].device",
+         "between 0 and 1024"),
+        ("[[models]]\nname = 'a'\npath = 'a'\ndevice = true\n", "models[0].device",
+         "got a boolean"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nn_ctx = inf\n", "models[0].n_ctx",
+         "got a float"),
+        ("[[models]]\nname = ''\npath = 'a'\n", "models[0].name", "non-empty printable"),
+        ('[[models]]\nname = "a\\tb"\npath = "a"\n', "models[0].name", "printable"),
+        ("[[models]]\nname = 3\npath = 'a'\n", "models[0].name", "got an integer"),
+        ("[[models]]\nname = 'a'\npath = ''\n", "models[0].path", "non-empty file path"),
+        ('[[models]]\nname = "a"\npath = "a\\u0000b"\n', "models[0].path", "NUL"),
+        ("[[models]]\nname = 'a'\npath = 1\n", "models[0].path", "got an integer"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nbackend = 5\n", "models[0].backend",
+         "backend name"),
+        ("[[models]]\nname = 'a'\npath = 'a'\npreferred = true\n", "models[0].preferred",
+         "array of kinds"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = { code = 1 }\n", "models[0].kinds",
+         "array of kinds"),
+        ("[[models]]\nname = 'a'\npath = 'a'\nkinds = [1]\n", "models[0].kinds",
+         "unknown kind 1"),
+        ("[[models]]\nname = 'a'\nladder = 'coder'\nseed = -1\n", "models[0].seed",
+         "between 0 and 4294967295"),
+        ("[[models]]\nname = 'a'\nladder = 'coder'\nn_ctx = 2\n", "models[0].n_ctx",
+         "between 16"),
+        ("[[models]]\nname = 'a'\nladder = 7\n", "models[0].ladder", "non-empty string"),
         ("[[models]]\nname = 'a'\npath = 'a'\nn_ctx = 1.5\n", "models[0].n_ctx", "got a float"),
         ("[[models]]\nname = 'a'\npath = 'a'\noptions = 3\n", "models[0].options",
          "must be a table"),
@@ -369,3 +440,179 @@ def test_file_level_errors(tmp_path: Path) -> None:
     bad.write_text("[scheduler]\nmailbox_capacity = 1\nmailbox_capacity = 2\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("x = " + "[" * 10_000 + "]" * 10_000 + "\n", "nested too deeply"),
+        ("x = " + "{a = " * 2_000 + "1" + "}" * 2_000 + "\n", "nested too deeply"),
+        ("x = " + "1" * 5_000 + "\n", "invalid TOML"),  # too long for Python's int()
+    ],
+)
+def test_hostile_toml_is_a_config_error(tmp_path: Path, text: str, problem: str) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_config(bad)
+
+
+def test_an_oversized_file_is_refused_unparsed(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text(MINIMAL + "#" * MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
+
+
+# -- zeta config check agrees with Scheduler.from_config -------------------------------------------
+#
+# Documents are generated as plain mappings and written as TOML by hand (only scalars, arrays of
+# scalars and inline tables of scalars occur). Each value is drawn from valid values, values just
+# outside the documented range, and hostile ones (huge integers, non-finite floats, wrong types).
+
+_HOSTILE: list[object] = [
+    True, "1", "", 1.5, float("nan"), float("inf"), float("-inf"), 1e400, 10**400, -(10**400),
+    2**32 + 256, -1, 0, ["simple"], {"a": 1},
+]  # fmt: skip
+_NAMES = ["a", "b", "coder", "", " ", "x" * 128, "x" * 129, "tab\there", "é"]
+_KIND_NAMES = ["simple", "code", "embed", "reason", "auto", "poetry"]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string with ASCII escapes is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise AssertionError(value)
+
+
+def _toml(doc: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for section, table in doc.items():
+        if section == "models":
+            for entry in table:
+                lines.append("[[models]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def _int_in(draw: st.DrawFn, low: int, high: int, hostile: bool) -> object:
+    """A valid integer; or, if ``hostile``, maybe one just out of range or a hostile value."""
+    valid = st.integers(low, min(high, low + 8)) | st.just(high)
+    if not hostile:
+        return draw(valid)
+    return draw(valid | st.sampled_from([low - 1, high + 1]) | st.sampled_from(_HOSTILE))
+
+
+@st.composite
+def _number(draw: st.DrawFn, low: float, high: float, hostile: bool) -> object:
+    valid = st.floats(low, high, allow_nan=False)
+    if not hostile:
+        return draw(valid)
+    return draw(valid | st.sampled_from([-0.5, high + 1]) | st.sampled_from(_HOSTILE))
+
+
+def _maybe(
+    draw: st.DrawFn, table: dict[str, Any], key: str, values: st.SearchStrategy[object]
+) -> None:
+    if draw(st.booleans()):
+        table[key] = draw(values)
+
+
+@st.composite
+def _config_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """A config document; about half are valid (nothing hostile drawn), the rest are not
+    necessarily invalid: each value may or may not be drawn from the hostile ones."""
+    hostile = draw(st.booleans())
+    doc: dict[str, Any] = {}
+    if draw(st.booleans()):
+        doc["scheduler"] = {}
+        _maybe(draw, doc["scheduler"], "mailbox_capacity", _int_in(1, 1 << 20, hostile))
+        _maybe(draw, doc["scheduler"], "kinds", st.lists(st.sampled_from(_KIND_NAMES[:3])))
+    if draw(st.booleans()):
+        names = ["dynamic", "static", "threshold", "round_robin"] + ["fastest"] * hostile
+        name = draw(st.sampled_from(names))
+        doc["policy"] = {"name": name}
+        if name == "threshold" and draw(st.booleans()):
+            params: dict[str, Any] = {}
+            _maybe(draw, params, "high", _number(0.9, 1.0, hostile))
+            _maybe(draw, params, "low", _number(0.0, 0.5, hostile))
+            _maybe(draw, params, "backlog_s", _number(0.1, 10.0, hostile))
+            doc["policy"]["params"] = params
+        elif hostile and draw(st.booleans()):
+            doc["policy"]["params"] = {"tau": 1.0}  # belongs in [scoring]
+    if draw(st.booleans()):
+        doc["scoring"] = {}
+        _maybe(draw, doc["scoring"], "tau", _number(1e-3, 1e6, hostile))
+        for key in ("contention_weight", "spill_penalty", "quality_penalty"):
+            _maybe(draw, doc["scoring"], key, _number(0.0, 1e6, hostile))
+    if draw(st.booleans()):
+        doc["metrics"] = {}
+        _maybe(draw, doc["metrics"], "enabled", st.booleans())
+        _maybe(draw, doc["metrics"], "port", _int_in(0, 65535, hostile))
+    models = []
+    for i in range(draw(st.integers(1, 3))):
+        entry: dict[str, Any] = {"name": draw(st.sampled_from(_NAMES)) if hostile else f"m{i}"}
+        entry["backend"] = (
+            draw(st.sampled_from(["simulated", "vllm", 5])) if hostile else "simulated"
+        )
+        _maybe(draw, entry, "path", st.sampled_from(["m.gguf", "", 1] if hostile else ["m.gguf"]))
+        if i == 0 and not hostile:
+            entry["kinds"] = _KIND_NAMES[:4]  # some model serves every kind
+        else:
+            kinds = _KIND_NAMES if hostile else _KIND_NAMES[:4]
+            _maybe(draw, entry, "kinds", st.lists(st.sampled_from(kinds), min_size=1, max_size=4))
+        if hostile:
+            _maybe(draw, entry, "preferred", st.lists(st.sampled_from(_KIND_NAMES), max_size=2))
+        _maybe(draw, entry, "quality", _int_in(0, 1000, hostile))
+        _maybe(draw, entry, "replicas", _int_in(1, 64, hostile))
+        _maybe(draw, entry, "n_ctx", _int_in(16, 2**24, hostile))
+        _maybe(draw, entry, "n_threads", _int_in(1, 1024, hostile))
+        _maybe(draw, entry, "n_gpu_layers", _int_in(-1, 10_000, hostile))
+        _maybe(draw, entry, "device", _int_in(0, 1024, hostile))
+        if i > 0 or hostile:
+            _maybe(draw, entry, "optional", st.sampled_from([True, False] + ["yes"] * hostile))
+        _maybe(draw, entry, "options", st.sampled_from([{"per_token_s": 0.01}, {}] + [3] * hostile))
+        if hostile:
+            _maybe(draw, entry, "ladder", st.just("giant"))  # never generates a file
+        models.append(entry)
+    doc["models"] = models
+    return doc
+
+
+def _error_key(build: Callable[[], object]) -> str | None:
+    """``None`` if ``build()`` succeeds, else the key its ConfigError names (anything else
+    escapes and fails the test)."""
+    try:
+        build()
+    except ConfigError as exc:
+        return exc.key or "(file)"
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=_config_documents())
+def test_config_check_passes_exactly_when_the_scheduler_constructs(doc: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "zeta.toml"
+        path.write_text(_toml(doc))
+        checked = _error_key(lambda: load_config(path, make_models=False))  # zeta config check
+        built = _error_key(lambda: Scheduler.from_config(path))  # constructed, never started
+    event("accepted" if checked is None else "rejected")
+    assert checked == built

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import subprocess
 import sys
@@ -15,12 +14,14 @@ from typing import Any
 import llama_cpp  # noqa: F401  (a hard dependency: a broken install must fail, not skip)
 import pytest
 
-import zeta._demo
-from zeta import Kind
-from zeta.__main__ import main
-from zeta._demo import DemoMetrics, DemoOptions, Job, Outcome, build_workload, run_demo, summarize
+import zeta.cli._demo
+from zeta import Kind, Outcome, Priority
+from zeta._types import Scoring
+from zeta.cli import main
+from zeta.cli._demo import DemoMetrics, DemoOptions, build_workload, policy_report, run_demo
 from zeta.telemetry import serve_metrics
 from zeta.telemetry._logging import _ZetaHandler
+from zeta.testing._replay import RequestRecord, summarize
 
 
 def test_workload_is_deterministic_and_has_surges() -> None:
@@ -50,21 +51,34 @@ def test_slower_models_get_proportionally_fewer_requests() -> None:
     assert 2.5 < n_fast / n_slow < 6
 
 
-def test_summary_quantiles_and_spill_share() -> None:
-    jobs = [Job(float(i), Kind.CODE, "p", max_tokens=4) for i in range(100)]
-    outcomes = [
-        Outcome(j, "ok", latency_s=(i + 1) / 100, model="coder" if i % 4 else "reasoner",
-                tokens=4, spilled=i % 4 == 0)
-        for i, j in enumerate(jobs)
+def test_policy_report_of_a_summary() -> None:
+    def record(i: int, kind: Kind, outcome: Outcome, **fields: Any) -> RequestRecord:
+        return RequestRecord(i, float(i), kind, Priority.NORMAL, outcome, **fields)
+
+    records = [
+        record(i, Kind.CODE, Outcome.OK, latency_s=(i + 1) / 100,
+               model="coder" if i % 4 else "reasoner", tokens=4, spilled=i % 4 == 0)
+        for i in range(100)
     ]  # fmt: skip
-    outcomes.append(Outcome(Job(0.0, Kind.REASON, "p", max_tokens=4), "rejected"))
-    s = summarize(outcomes, elapsed_s=10.0)
+    records += [
+        record(100, Kind.REASON, Outcome.OVERLOADED, error="Overloaded"),
+        record(101, Kind.REASON, Outcome.DEADLINE, error="DeadlineExceeded"),
+        record(102, Kind.EMBED, Outcome.ERROR, error="BackendError"),
+        record(103, Kind.EMBED, Outcome.CANCELLED),
+    ]
+    s = policy_report(summarize(records, elapsed_s=10.0), {"coder": 5.0, "embedder": 0.0})
+    json.dumps(s, allow_nan=False)
     code = s["kinds"]["code"]
     assert (code["p50_s"], code["p95_s"], code["p99_s"]) == (0.5, 0.95, 0.99)
-    assert math.isnan(s["kinds"]["reason"]["p50_s"]) and s["kinds"]["reason"]["requests"] == 1
-    assert s["spilled_share"] == 0.25 and s["rejected"] == 1
+    assert s["kinds"]["reason"] == {
+        "requests": 2, "ok": 0, "p50_s": None, "p95_s": None, "p99_s": None
+    }  # fmt: skip
+    assert s["spilled_share"] == 0.25
+    assert (s["rejected"], s["errors"], s["unfinished"]) == (2, 1, 1)
     assert s["throughput_rps"] == 10.0 and s["throughput_tokens_per_s"] == 40.0
     assert s["models"]["reasoner"] == {"requests": 25, "tokens": 100, "spilled_in": 25}
+    assert s["models"]["coder"] == {"requests": 75, "tokens": 300, "spilled_in": 0}
+    assert s["model_busy"] == {"coder": {"busy_share": 0.5}, "embedder": {"busy_share": 0.0}}
 
 
 def _check_report(report: dict[str, Any]) -> None:
@@ -173,7 +187,7 @@ def test_cli_demo_logs_and_metrics_are_opt_in(
         logging.getLogger("zeta.test").warning("demo_ran")
         return {}
 
-    monkeypatch.setattr(zeta._demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(zeta.cli._demo, "run_demo", fake_run_demo)
     assert main(["demo", "--no-live"]) == 0
     assert calls == [None]
     # configure_logging() was not called: zeta's loggers have no handler of their own.
@@ -185,6 +199,28 @@ def test_cli_demo_logs_and_metrics_are_opt_in(
     assert "serving Prometheus metrics at http://127.0.0.1:" in out
     events = [json.loads(line)["event"] for line in err.splitlines()]
     assert events == ["metrics_server_started", "demo_ran", "metrics_server_stopped"]
+
+
+def test_cli_demo_set_builds_the_scoring_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Scoring] = []
+
+    def fake_run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> Any:
+        seen.append(options.scoring)
+        return {}
+
+    monkeypatch.setattr(zeta.cli._demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--no-live"]) == 0
+    assert main(["demo", "--no-live", "--set", "spill_penalty=0.5", "--set", " tau = 2"]) == 0
+    assert seen == [Scoring(), Scoring(tau=2.0, spill_penalty=0.5)]
+
+
+def test_python_m_zeta_runs_the_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "zeta", "--help"], capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "demo" in proc.stdout and "models" in proc.stdout and "config" in proc.stdout
 
 
 def test_cli_models_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,6 +237,8 @@ def test_cli_models_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["models", "make", "nope", "--dir", str(tmp_path)]) == 1
     assert main(["demo", "--set", "bogus=1"]) == 1
     assert "--set takes KEY=NUMBER" in capsys.readouterr().err
+    assert main(["demo", "--set", "tau=0"]) == 1  # the Scoring value rejects it
+    assert "--set.tau: must be a finite number > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--metrics-port", "65536"])
     assert "a TCP port is an integer from 0 to 65535" in capsys.readouterr().err

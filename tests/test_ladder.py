@@ -9,13 +9,12 @@ import gguf
 import numpy as np
 import pytest
 
-from zeta import ConfigError, Kind
+from zeta import ConfigError, Kind, _ladder
 from zeta.testing import (
     LADDER,
     LADDER_VERSION,
     ROLES,
     LadderModel,
-    _ladder,
     cache_dir,
     ladder_spec,
     make_ladder,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import zeta
+import zeta.telemetry
+import zeta.testing
 
 PUBLIC = (
     "ActorDead",
@@ -13,6 +17,7 @@ PUBLIC = (
     "Candidate",
     "Classification",
     "Classifier",
+    "CompletionOptions",
     "CompletionResult",
     "Config",
     "ConfigError",
@@ -25,6 +30,7 @@ PUBLIC = (
     "JoinShortestQueuePolicy",
     "Kind",
     "KernelInputError",
+    "MetricsConfig",
     "ModelLoadError",
     "ModelSnapshot",
     "ModelSpec",
@@ -37,11 +43,13 @@ PUBLIC = (
     "PowerOfTwoChoicesPolicy",
     "Priority",
     "Recorder",
+    "RequestOptions",
     "RoundRobinPolicy",
     "RouteRequest",
     "Scheduler",
     "SchedulerClosed",
     "SchedulerSnapshot",
+    "Scoring",
     "StaticPolicy",
     "Supervision",
     "ThresholdPolicy",
@@ -79,3 +87,38 @@ def test_errors_tell_retry_from_invalid_input() -> None:
         assert issubclass(cls, zeta.InvalidInputError)
     for cls in (*retry, zeta.SchedulerClosed, zeta.BackendError, zeta.ModelLoadError):
         assert issubclass(cls, zeta.ZetaError)
+
+
+def test_each_name_is_exported_once() -> None:
+    """A name is public in one place: ``zeta``, ``zeta.telemetry`` or ``zeta.testing``."""
+    seen: dict[int, str] = {}
+    for module in (zeta, zeta.telemetry, zeta.testing):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, type) or callable(obj):
+                where = f"{module.__name__}.{name}"
+                assert id(obj) not in seen, f"{where} is also {seen[id(obj)]}"
+                seen[id(obj)] = where
+
+
+def test_public_signatures_use_only_public_defaults() -> None:
+    """No default value in a public signature is of a zeta type the user cannot name."""
+    public_types = {getattr(zeta, n) for n in zeta.__all__ if isinstance(getattr(zeta, n), type)}
+    for name in zeta.__all__:
+        obj = getattr(zeta, name)
+        members = [obj]
+        if isinstance(obj, type):
+            members += [m for k, m in vars(obj).items() if callable(m) and not k.startswith("_")]
+            members.append(obj.__init__)
+        for member in members:
+            try:
+                signature = inspect.signature(member)
+            except (TypeError, ValueError):
+                continue
+            for param in signature.parameters.values():
+                default = param.default
+                if default is inspect.Parameter.empty:
+                    continue
+                kind = type(default)
+                private = kind.__module__.split(".")[0] == "zeta" and kind not in public_types
+                assert not private, (name, param.name, kind)

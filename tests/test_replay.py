@@ -8,6 +8,7 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -16,8 +17,10 @@ import pytest
 from zeta import (
     ActorDead,
     BackendError,
+    CompletionResult,
     ConfigError,
     DeadlineExceeded,
+    EmbeddingResult,
     Kind,
     ModelSpec,
     ModelUnavailable,
@@ -30,10 +33,12 @@ from zeta import (
     TryAgainError,
 )
 from zeta.testing._replay import (
+    ModelStats,
     RequestRecord,
     outcome_of,
     quantile,
     replay,
+    submit_arrival,
     summarize,
     warm_up,
 )
@@ -120,11 +125,16 @@ def test_summary_math() -> None:
     assert s.outcomes == {"ok": 12, "overloaded": 1, "deadline_exceeded": 1, "cancelled": 1}
     assert s.errors == {"Overloaded": 1, "DeadlineExceeded": 1}
     assert s.models == {"coder": 11, "reasoner": 1}
+    assert s.by_model == {
+        "coder": ModelStats(requests=11, tokens=140, spilled=1),
+        "reasoner": ModelStats(requests=1, tokens=40, spilled=0),
+    }
 
 
 def test_summary_of_nothing_and_bad_elapsed() -> None:
     s = summarize([], 0.0)
     assert (s.requests, s.ok, s.throughput_rps, s.spilled_share) == (0, 0, 0.0, 0.0)
+    assert s.models == {} and s.by_model == {}
     assert set(s.by_kind) == {"simple", "code", "embed", "reason"}
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError):
@@ -132,12 +142,21 @@ def test_summary_of_nothing_and_bad_elapsed() -> None:
 
 
 def test_summary_to_dict_is_json() -> None:
-    s = summarize([rec(0, Kind.CODE, 0.25), rec(1, Kind.EMBED, None, Outcome.CANCELLED)], 1.0)
-    d = s.to_dict()
+    records = [
+        rec(0, Kind.CODE, 0.25, tokens=3),
+        rec(1, Kind.CODE, 0.5, model="reasoner", spilled=True, tokens=2),
+        rec(2, Kind.EMBED, None, Outcome.CANCELLED),
+    ]
+    d = summarize(records, 1.0).to_dict()
     again = json.loads(json.dumps(d, allow_nan=False))
-    assert again["by_kind"]["code"]["p99_s"] == 0.25
+    assert again["by_kind"]["code"]["p99_s"] == 0.5
     assert again["by_kind"]["embed"]["p50_s"] is None  # NaN is not JSON
-    assert again["outcomes"] == {"ok": 1, "cancelled": 1}
+    assert again["outcomes"] == {"ok": 2, "cancelled": 1}
+    assert again["models"] == {"coder": 1, "reasoner": 1}
+    assert again["by_model"] == {
+        "coder": {"requests": 1, "tokens": 3, "spilled": 0},
+        "reasoner": {"requests": 1, "tokens": 2, "spilled": 1},
+    }
 
 
 @pytest.mark.parametrize(
@@ -305,3 +324,48 @@ async def test_warm_up_runs_one_request_per_kind() -> None:
         history = zs.recorder.snapshot()
     assert done == {"coder": 2, "embedder": 1}
     assert sum(history.requests.values()) == 3
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedArrival(Arrival):
+    """An arrival that carries more than :class:`Arrival`: several texts to embed."""
+
+    texts: tuple[str, ...] = ()
+
+
+@pytest.mark.anyio
+async def test_submit_sends_what_a_custom_arrival_carries() -> None:
+    coder = sim("coder", {Kind.CODE}, {Kind.CODE})
+    embedder = sim("embedder", {Kind.EMBED}, {Kind.EMBED})
+    arrivals = [
+        TaggedArrival(0.0, Kind.EMBED, "", 0, texts=("a", "b", "c")),
+        arrival(0.001, Kind.CODE),
+        TaggedArrival(0.002, Kind.EMBED, "", 0, texts=("d", "e")),
+    ]
+    calls: list[tuple[int, dict[str, Any]]] = []
+    vectors: list[int] = []
+
+    async def submit(
+        zs: Scheduler, a: Arrival, /, **options: Any
+    ) -> CompletionResult | EmbeddingResult:
+        calls.append((arrivals.index(a), options))
+        if not isinstance(a, TaggedArrival):
+            return await submit_arrival(zs, a, **options)
+        result = await zs.embed(list(a.texts), priority=a.priority, **options)
+        vectors.append(len(result.vectors))
+        return result
+
+    async with Scheduler([coder, embedder]) as zs:
+        await warm_up(zs, arrivals, submit=submit)
+        # warm-up: the first of each kind, waiting for room and without a deadline
+        assert calls == [
+            (0, {"deadline": None, "admission_timeout": None}),
+            (1, {"deadline": None, "admission_timeout": None}),
+        ]
+        calls.clear()
+        result = await replay(zs, arrivals, submit=submit, admission_timeout=0.5)
+    assert [r.outcome for r in result.records] == [Outcome.OK] * 3
+    assert [r.model for r in result.records] == ["embedder", "coder", "embedder"]
+    assert sorted(i for i, _ in calls) == [0, 1, 2]
+    assert all(o == {"deadline": None, "admission_timeout": 0.5} for _, o in calls)
+    assert vectors == [3, 3, 2]  # warm-up, then the two replayed embeds

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from zeta import Classification, ConfigError, DynamicPolicy, HeuristicClassifier, Kind, ModelSpec
-from zeta._router import TUNABLE_PARAMS, Router, build_candidates
-from zeta._types import KIND_INDEX, SERVED_KINDS
+from zeta._router import Router, build_candidates
+from zeta._types import KIND_INDEX, SCORING_FIELDS, SERVED_KINDS, Scoring
 
 
 def specs() -> list[ModelSpec]:
@@ -21,7 +21,7 @@ def specs() -> list[ModelSpec]:
 
 
 def make_router(**kwargs: float) -> Router:
-    return Router(build_candidates(specs(), 8), DynamicPolicy(), **kwargs)
+    return Router(build_candidates(specs(), 8), DynamicPolicy(), scoring=Scoring(**kwargs))
 
 
 def test_one_candidate_per_replica_in_model_order() -> None:
@@ -75,9 +75,10 @@ def test_retry_after_is_the_soonest_expected_completion() -> None:
 
 def test_apply_params() -> None:
     router = make_router()
-    assert set(router.params()) == set(TUNABLE_PARAMS)
-    applied = router.apply_params({"tau": 2.0, "contention_weight": 3, "spill_penalty": 0.0})
-    assert applied == {"tau": 2.0, "contention_weight": 3.0, "spill_penalty": 0.0}
+    assert set(router.scoring.as_dict()) == set(SCORING_FIELDS)
+    applied = router.apply({"tau": 2.0, "contention_weight": 3, "spill_penalty": 0.0})
+    assert applied == Scoring(tau=2.0, contention_weight=3.0, spill_penalty=0.0)
+    assert router.scoring == applied
     assert router.table.tau == 2.0 and router.table.weight == 3.0
     assert router.table.capability(0, KIND_INDEX[Kind.REASON]) == (True, 0.0)
 
@@ -90,14 +91,17 @@ def test_apply_params() -> None:
         {"contention_weight": -1.0},
         {"tau": float("nan")},
         {"spill_penalty": True},
+        {"spill_penalty": 10**400},
+        {"tau": float("inf")},
     ],
 )
 def test_apply_params_rejects_everything_if_anything_is_wrong(params: dict[str, float]) -> None:
     router = make_router()
-    before = router.params()
+    before = router.scoring
     with pytest.raises(ConfigError):
-        router.apply_params({"quality_penalty": 9.0, **params})
-    assert router.params() == before
+        router.apply({"quality_penalty": 9.0, **params})
+    assert router.scoring == before
+    assert router.table.capability(3, KIND_INDEX[Kind.SIMPLE]) == (True, 0.5)
 
 
 def test_no_models() -> None:

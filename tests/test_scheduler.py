@@ -34,6 +34,7 @@ from zeta import (
     RouteRequest,
     Scheduler,
     SchedulerClosed,
+    Scoring,
     Supervision,
 )
 from zeta.backends._base import Completion, CompletionParams, TokenCallback
@@ -727,18 +728,56 @@ async def test_requests_before_start_are_refused() -> None:
         {"prompt": "x", "stop": ["END", 5]},
         {"prompt": "x", "temperature": -1},
         {"prompt": "x", "deadline": "soon"},
+        {"prompt": "x", "deadline": float("nan")},
+        {"prompt": "x", "deadline": 10**400},
         {"prompt": "x", "admission_timeout": -1},
+        {"prompt": "x", "admission_timeout": 10**400},
+        {"prompt": "x", "max_tokens": 10**400},
+        {"prompt": "x", "temperature": 10**400},
+        {"prompt": "x", "temperature": float("inf")},
+        {"prompt": "x", "difficulty": 10**400},
+        {"prompt": "x", "priority": 10**400},
+        {"prompt": "x\ud800y"},
+        {"prompt": "x", "stop": ["\udfff"]},
+        {"prompt": "x", "max_token": 5},
     ],
 )
-async def test_invalid_requests(kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("call", ["complete", "stream"])
+async def test_invalid_requests_fail_at_the_call_and_are_counted(
+    kwargs: dict[str, Any], call: str
+) -> None:
     trace = Trace()
     async with Scheduler([sim("m", on_call=trace)]) as zs:
         with pytest.raises(InvalidRequestError):
-            await zs.complete(**kwargs)
+            if call == "complete":
+                await zs.complete(**kwargs)
+            else:
+                zs.stream(**kwargs)  # no iteration: the call itself raises
     assert trace.calls == []
     assert sum(zs.recorder.snapshot().requests.values()) == 1
     ((_, _, outcome),) = zs.recorder.snapshot().requests
     assert outcome == Outcome.INVALID.value
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"texts": ["ok", "bad\ud800"]},
+        {"texts": [""]},
+        {"texts": "x", "admission_timeout": -1.0},
+        {"texts": "x", "kind": "embed"},
+    ],
+)
+async def test_invalid_embeddings_fail_at_the_call_and_are_counted(kwargs: dict[str, Any]) -> None:
+    trace = Trace()
+    async with Scheduler([sim("m", on_call=trace)]) as zs:
+        with pytest.raises(InvalidRequestError):
+            await zs.embed(**kwargs)
+        assert (await zs.complete("still serving", kind="simple")).model == "m"
+    assert trace.prompts == ["still serving"]
+    assert zs.recorder.snapshot().requests == {
+        ("none", "embed", "invalid"): 1, ("m", "simple", "ok"): 1,
+    }  # fmt: skip
 
 
 async def test_auto_falls_back_to_a_served_kind() -> None:
@@ -766,7 +805,7 @@ async def test_spills_are_counted_and_logged(captured_logs: list[dict[str, Any]]
             sim("coder", preferred=("simple", "code"), gate=g),
             sim("reasoner", preferred=("reason",)),
         ]
-        async with Scheduler(specs, policy="dynamic", spill_penalty=0.0) as zs:
+        async with Scheduler(specs, policy="dynamic", scoring=Scoring(spill_penalty=0.0)) as zs:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: zs.complete("print('busy')", kind="code"))
                 await wait_until(lambda: busy(zs, "coder") == 1)

@@ -8,6 +8,7 @@ from ._classifier import Classification as Classification
 from ._classifier import Classifier as Classifier
 from ._classifier import HeuristicClassifier as HeuristicClassifier
 from ._config import Config as Config
+from ._config import MetricsConfig as MetricsConfig
 from ._config import load_config as load_config
 from ._exceptions import ActorDead as ActorDead
 from ._exceptions import BackendError as BackendError
@@ -23,6 +24,8 @@ from ._exceptions import Overloaded as Overloaded
 from ._exceptions import SchedulerClosed as SchedulerClosed
 from ._exceptions import TryAgainError as TryAgainError
 from ._exceptions import ZetaError as ZetaError
+from ._intake import CompletionOptions as CompletionOptions
+from ._intake import RequestOptions as RequestOptions
 from ._policies import Candidate as Candidate
 from ._policies import DynamicPolicy as DynamicPolicy
 from ._policies import JoinShortestQueuePolicy as JoinShortestQueuePolicy
@@ -36,15 +39,16 @@ from ._policies import ThresholdPolicy as ThresholdPolicy
 from ._request import CompletionResult as CompletionResult
 from ._request import EmbeddingResult as EmbeddingResult
 from ._scheduler import Scheduler as Scheduler
-from ._scheduler import TokenStream as TokenStream
 from ._scoring import IMPLEMENTATION as _KERNEL
 from ._snapshot import ActorState as ActorState
 from ._snapshot import ModelSnapshot as ModelSnapshot
 from ._snapshot import SchedulerSnapshot as SchedulerSnapshot
+from ._stream import TokenStream as TokenStream
 from ._supervisor import Supervision as Supervision
 from ._types import Kind as Kind
 from ._types import ModelSpec as ModelSpec
 from ._types import Priority as Priority
+from ._types import Scoring as Scoring
 from .telemetry._recorder import Outcome as Outcome
 from .telemetry._recorder import Recorder as Recorder
 
@@ -65,6 +69,7 @@ __all__ = (
     "Candidate",
     "Classification",
     "Classifier",
+    "CompletionOptions",
     "CompletionResult",
     "Config",
     "ConfigError",
@@ -77,6 +82,7 @@ __all__ = (
     "JoinShortestQueuePolicy",
     "Kind",
     "KernelInputError",
+    "MetricsConfig",
     "ModelLoadError",
     "ModelSnapshot",
     "ModelSpec",
@@ -89,11 +95,13 @@ __all__ = (
     "PowerOfTwoChoicesPolicy",
     "Priority",
     "Recorder",
+    "RequestOptions",
     "RoundRobinPolicy",
     "RouteRequest",
     "Scheduler",
     "SchedulerClosed",
     "SchedulerSnapshot",
+    "Scoring",
     "StaticPolicy",
     "Supervision",
     "ThresholdPolicy",

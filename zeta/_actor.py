@@ -17,7 +17,6 @@ the same way with either, and can give up on a hung call without blocking the ev
 
 from __future__ import annotations
 
-import asyncio
 import math
 import queue
 import threading
@@ -30,50 +29,23 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._exceptions import BackendError, DeadlineExceeded, InvalidInputError
-from ._mailbox import EventLike, PriorityMailbox
-from ._request import CompletionResult, EmbeddingResult, Op, Request, RequestState
+from ._loop import LoopHandle
+from ._mailbox import PriorityMailbox
+from ._request import CompletionResult, EmbeddingResult, Request, RequestState
 from ._scoring import ScoreTable
 from ._snapshot import ActorState, ModelSnapshot
 from ._types import Kind, ModelSpec, Priority
-from .backends._base import Backend, BackendFactory, Completion, CompletionParams, Embedding
+from .backends._base import (
+    Backend,
+    BackendFactory,
+    Completion,
+    CompletionParams,
+    Embedding,
+)
 
-__all__ = ["ContextFailure", "Job", "LoopHandle", "ModelActor", "ThreadWorker", "ToThreadWorker"]
+__all__ = ["ContextFailure", "Job", "ModelActor", "ThreadWorker", "ToThreadWorker"]
 
 T = TypeVar("T")
-
-
-class LoopHandle:
-    """Schedules a callback on the event loop from any thread, without blocking the caller.
-
-    asyncio: ``loop.call_soon_threadsafe``; trio: ``TrioToken.run_sync_soon``. Both keep FIFO
-    order, so a stream's pieces arrive before the completion that follows them.
-    """
-
-    __slots__ = ("_call", "new_event")
-
-    def __init__(self, call: Callable[..., object], new_event: Callable[[], EventLike]) -> None:
-        self._call = call
-        #: Creates an event of the running loop's own kind, for the per-request hot path.
-        self.new_event = new_event
-
-    @classmethod
-    def current(cls) -> LoopHandle:
-        """The handle of the running event loop (asyncio or trio)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            import trio
-
-            return cls(trio.lowlevel.current_trio_token().run_sync_soon, trio.Event)
-        return cls(loop.call_soon_threadsafe, asyncio.Event)
-
-    def call_soon(self, fn: Callable[..., object], *args: object) -> bool:
-        """Run ``fn(*args)`` on the loop soon; ``False`` if the loop has finished."""
-        try:
-            self._call(fn, *args)
-        except Exception:  # asyncio: RuntimeError (loop closed); trio: RunFinishedError
-            return False
-        return True
 
 
 class Job(Generic[T]):
@@ -318,7 +290,8 @@ class ModelActor:
             )
         except (anyio.WouldBlock, anyio.ClosedResourceError):
             return False
-        request.actor = self
+        request.model = self.name
+        request.withdraw = self.withdraw
         request.state = RequestState.QUEUED
         request.attempts += 1
         self._sync()
@@ -481,15 +454,12 @@ class ModelActor:
                 self._on_capacity()
             backend, worker = self.backend, self._worker
             assert backend is not None and worker is not None
-            if request.op is Op.COMPLETE:
-                params = request.params
-                assert params is not None
+            payload = request.payload
+            if isinstance(payload, CompletionParams):
                 on_token = request.token_callback(handle)
-                job: Job[Any] = worker.submit(partial(backend.complete, params, on_token))
+                job: Job[Any] = worker.submit(partial(backend.complete, payload, on_token))
             else:
-                texts = request.texts
-                assert texts is not None
-                job = worker.submit(partial(backend.embed, texts))
+                job = worker.submit(partial(backend.embed, payload.texts))
             try:
                 ok = await self._await_job(job)
             finally:

@@ -2,8 +2,8 @@
 
 The supervisor calls the calibrator on a timer (``Scheduler(calibration_interval=...)``) and on
 demand (``await zs.calibrate()``). A calibrator looks at live state and history and returns new
-values for some of the router's tunable parameters (:data:`~zeta._router.TUNABLE_PARAMS`), or
-``None`` to keep them. The fitting logic itself lives with the calibrators, not here.
+values for some of the scoring parameters (the fields of :class:`~zeta.Scoring`), or ``None`` to
+keep them. The fitting logic itself lives with the calibrators, not here.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._router import TUNABLE_PARAMS
 from ._snapshot import SchedulerSnapshot
 from .telemetry._recorder import RecorderSnapshot
 
-__all__ = ["TUNABLE_PARAMS", "CalibrationView", "Calibrator"]
+__all__ = ["CalibrationView", "Calibrator"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,34 +1,58 @@
-"""zeta's configuration file (TOML): models, routing policy, mailboxes and the metrics endpoint.
+"""zeta's configuration file (TOML): models, routing policy and scoring, mailboxes, metrics.
 
 :func:`load_config` reads a file, :func:`parse_config` a mapping already parsed. Both check every
 key and value up front and raise :class:`~zeta.ConfigError` naming the key (``models[1].n_ctx``,
-``policy.name``) and the problem, so a bad file fails before any model is loaded.
+``scoring.tau``) and the problem, so a bad file fails before any model is loaded.
 ``examples/zeta.toml`` documents every key.
+
+Values are validated where their type is defined: a ``[[models]]`` entry by
+:class:`~zeta.ModelSpec`, ``[scoring]`` by :class:`~zeta.Scoring`, ``[policy.params]`` by the
+policy's constructor. This module maps the file's keys onto them, handles what exists only in the
+file (``ladder``, ``seed``, relative paths, the backend's name), and puts the key path in front
+of their errors (:meth:`ConfigError.under <zeta.ConfigError.under>`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import inspect
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._exceptions import ConfigError
-from ._types import SERVED_KINDS, Kind, ModelSpec
+from ._types import (
+    SCORING_FIELDS,
+    SERVED_KINDS,
+    Kind,
+    ModelSpec,
+    Scoring,
+    check_int,
+    parse_kinds,
+    shown,
+    type_name,
+)
 from .backends import BACKENDS
 
-__all__ = ["KERNEL_PARAMS", "Config", "MetricsConfig", "load_config", "parse_config"]
+__all__ = ["Config", "MetricsConfig", "load_config", "parse_config"]
 
 #: Scalar values a policy parameter may take.
 ParamValue = bool | int | float | str
 
-#: Policy parameters that belong to the scoring kernel, passed to the :class:`~zeta.Scheduler`
-#: itself rather than to the policy's constructor.
-KERNEL_PARAMS = frozenset({"tau", "contention_weight", "spill_penalty", "quality_penalty"})
+#: The most requests each actor's mailbox may hold (``scheduler.mailbox_capacity``); the
+#: scheduler's bound too.
+MAX_MAILBOX_CAPACITY = 1 << 20
+
+#: The largest weight seed of a ladder model (``models[i].seed``): a 32-bit seed.
+MAX_LADDER_SEED = 2**32 - 1
+
+#: The largest config file read, in bytes; a longer one is refused before it is parsed.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +71,8 @@ class Config:
     Args:
         models: the models to schedule onto, in file order.
         policy: routing policy name (``"dynamic"``, ``"static"``, ...).
-        policy_params: keyword parameters for the policy.
+        policy_params: keyword parameters for the policy's constructor.
+        scoring: the scoring kernel's parameters.
         mailbox_capacity: bound of each actor's mailbox.
         kinds: kinds some model must serve; the file is rejected otherwise.
         metrics: the metrics endpoint.
@@ -57,6 +82,7 @@ class Config:
     models: tuple[ModelSpec, ...]
     policy: str = "dynamic"
     policy_params: Mapping[str, ParamValue] = field(default_factory=dict)
+    scoring: Scoring = field(default_factory=Scoring)
     mailbox_capacity: int = 64
     kinds: frozenset[Kind] = frozenset(SERVED_KINDS)
     metrics: MetricsConfig = MetricsConfig()
@@ -67,76 +93,67 @@ class Config:
         """Names of the models the scheduler may start without (``optional = true``)."""
         return frozenset(m.name for m in self.models if m.optional)
 
-    def model(self, name: str) -> ModelSpec:
-        """The model called ``name``."""
-        for spec in self.models:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
-
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Scheduler(**config.scheduler_kwargs())``.
 
-        Models (``optional`` ones included: the flag is on each
-        :class:`~zeta.ModelSpec`), mailbox capacity, the policy (a name, or an object built with
-        its parameters) and the kernel parameters. The metrics endpoint is left to the caller;
+        ``models`` (``optional`` ones included: the flag is on each :class:`~zeta.ModelSpec`),
+        ``mailbox_capacity``, ``policy`` (its name, or an object built with its parameters) and
+        ``scoring``. The metrics endpoint is left to the caller;
         :meth:`Scheduler.from_config <zeta.Scheduler.from_config>` serves it when enabled.
         """
-        kwargs: dict[str, Any] = {
+        policy: object = self.policy
+        if self.policy_params:
+            policy = _make_policy(self.policy, self.policy_params)
+        return {
             "models": list(self.models),
             "mailbox_capacity": self.mailbox_capacity,
-            "policy": self.policy,
+            "policy": policy,
+            "scoring": self.scoring,
         }
-        kwargs.update({k: float(v) for k, v in self.policy_params.items() if k in KERNEL_PARAMS})
-        policy_kwargs = _policy_kwargs(self.policy, self.policy_params)
-        if policy_kwargs:
-            from ._policies import POLICIES
-
-            kwargs["policy"] = POLICIES[self.policy](**policy_kwargs)
-        return kwargs
 
 
 def load_config(path: str | os.PathLike[str], *, make_models: bool = True) -> Config:
-    """Read and validate a TOML config file.
+    """Read and validate a TOML config file (what ``zeta config check FILE`` runs).
 
     Relative model paths are resolved against the file's directory. A model given as
     ``ladder = "coder"`` resolves to zeta's generated model of that name, which is written to
     the cache first if ``make_models`` is true and it is not there yet.
 
     Raises:
-        ConfigError: the file is missing or unreadable, is not valid TOML, or has an invalid key
-            or value (the message names it).
+        ConfigError: the file is missing, unreadable or larger than :data:`MAX_CONFIG_BYTES`, is
+            not valid TOML (nested too deeply, an integer too long to read), or has an invalid
+            key or value (the message names it).
     """
     p = Path(path).expanduser()
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
     except IsADirectoryError:
         raise ConfigError(f"config path is a directory, not a file: {p}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # an integer literal too long to convert
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
     return parse_config(data, base_dir=p.parent, source=p, make_models=make_models)
 
 
 # --------------------------------------------------------------------------------------------
-# Validation helpers. Each takes the dotted key it is checking, for the error message.
+# Checks of the file's own keys. Each takes the dotted key it is checking, for the error message.
 
 
-def _type_name(value: object) -> str:
-    return {
-        bool: "a boolean", int: "an integer", float: "a float", str: "a string",
-        list: "an array", dict: "a table",
-    }.get(type(value), type(value).__name__)  # fmt: skip
-
-
-def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, object], prefix: str) -> None:
+def _check_keys(table: Mapping[str, Any], allowed: Collection[str], prefix: str) -> None:
     for key in table:
         if key not in allowed:
             close = difflib.get_close_matches(key, list(allowed), n=1)
@@ -146,81 +163,38 @@ def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, object], prefix:
 
 def _table(value: object, key: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"must be a table, got {_type_name(value)}", key=key)
-    return value
-
-
-def _int(value: object, key: str, *, low: int | None = None, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"must be an integer, got {_type_name(value)}", key=key)
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ConfigError(f"must be {bounds}, got {value}", key=key)
+        raise ConfigError(f"must be a table, got {type_name(value)}", key=key)
     return value
 
 
 def _bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"must be true or false, got {_type_name(value)}", key=key)
+        raise ConfigError(f"must be true or false, got {type_name(value)}", key=key)
     return value
 
 
 def _str(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"must be a non-empty string, got {_type_name(value)}", key=key)
+        raise ConfigError(f"must be a non-empty string, got {type_name(value)}", key=key)
     return value
-
-
-def _kinds(value: object, key: str) -> frozenset[Kind]:
-    if not isinstance(value, list):
-        raise ConfigError(f"must be an array of kinds, got {_type_name(value)}", key=key)
-    out = set()
-    for item in value:
-        if not isinstance(item, str):
-            raise ConfigError(f"kinds are strings, got {_type_name(item)}", key=key)
-        try:
-            kind = Kind(item)
-        except ValueError:
-            names = [k.value for k in SERVED_KINDS]
-            raise ConfigError(f"unknown kind {item!r}; expected one of {names}", key=key) from None
-        if kind is Kind.AUTO:
-            raise ConfigError("'auto' is a request kind, not one a model serves", key=key)
-        out.add(kind)
-    return frozenset(out)
 
 
 def _param(value: object, key: str) -> ParamValue:
     if isinstance(value, bool | int | float | str):
         return value
-    raise ConfigError(f"must be a number, string or boolean, got {_type_name(value)}", key=key)
+    raise ConfigError(f"must be a number, string or boolean, got {type_name(value)}", key=key)
 
 
 # --------------------------------------------------------------------------------------------
 # Sections.
 
-_TOP_KEYS = {"scheduler": None, "policy": None, "metrics": None, "models": None}
-_SCHEDULER_KEYS = {"mailbox_capacity": None, "kinds": None}
-_POLICY_KEYS = {"name": None, "params": None}
-_METRICS_KEYS = {"enabled": None, "host": None, "port": None}
-
-_ModelField = Callable[[object, str], object]
-_MODEL_KEYS: dict[str, _ModelField] = {
-    "name": _str,
-    "path": _str,
-    "ladder": _str,
-    "seed": lambda v, k: _int(v, k, low=0),
-    "backend": _str,
-    "kinds": _kinds,
-    "preferred": _kinds,
-    "quality": lambda v, k: _int(v, k, low=0),
-    "replicas": lambda v, k: _int(v, k, low=1),
-    "n_ctx": lambda v, k: _int(v, k, low=16),
-    "n_threads": lambda v, k: _int(v, k, low=1),
-    "n_gpu_layers": lambda v, k: _int(v, k, low=-1),
-    "device": lambda v, k: _int(v, k, low=0),
-    "optional": _bool,
-    "options": _table,
-}
+_TOP_KEYS = ("scheduler", "policy", "scoring", "metrics", "models")
+_SCHEDULER_KEYS = ("mailbox_capacity", "kinds")
+_POLICY_KEYS = ("name", "params")
+_METRICS_KEYS = ("enabled", "host", "port")
+#: Keys of a ``[[models]]`` entry: :class:`~zeta.ModelSpec`'s fields, and the two that choose a
+#: ladder model instead of a path.
+_MODEL_KEYS = (*(f.name for f in dataclasses.fields(ModelSpec)), "ladder", "seed")
 
 
 def parse_config(
@@ -239,9 +213,13 @@ def parse_config(
 
     sched = _table(data.get("scheduler", {}), "scheduler")
     _check_keys(sched, _SCHEDULER_KEYS, "scheduler.")
-    capacity = _int(sched.get("mailbox_capacity", 64), "scheduler.mailbox_capacity", low=1)
+    capacity = check_int(
+        sched.get("mailbox_capacity", 64), "scheduler.mailbox_capacity", 1, MAX_MAILBOX_CAPACITY
+    )
     required = (
-        _kinds(sched["kinds"], "scheduler.kinds") if "kinds" in sched else frozenset(SERVED_KINDS)
+        parse_kinds(sched["kinds"], "scheduler.kinds")
+        if "kinds" in sched
+        else frozenset(SERVED_KINDS)
     )
 
     pol = _table(data.get("policy", {}), "policy")
@@ -251,14 +229,21 @@ def parse_config(
         k: _param(v, f"policy.params.{k}")
         for k, v in _table(pol.get("params", {}), "policy.params").items()
     }
-    _policy_kwargs(policy, params)
+    _make_policy(policy, params)
+
+    raw_scoring = _table(data.get("scoring", {}), "scoring")
+    _check_keys(raw_scoring, SCORING_FIELDS, "scoring.")
+    try:
+        scoring = Scoring(**raw_scoring)
+    except ConfigError as exc:
+        raise exc.under("scoring") from None
 
     met = _table(data.get("metrics", {}), "metrics")
     _check_keys(met, _METRICS_KEYS, "metrics.")
     metrics = MetricsConfig(
         enabled=_bool(met.get("enabled", False), "metrics.enabled"),
         host=_str(met.get("host", "127.0.0.1"), "metrics.host"),
-        port=_int(met.get("port", 9464), "metrics.port", low=0, high=65535),
+        port=check_int(met.get("port", 9464), "metrics.port", 0, 65535),
     )
 
     raw_models = data.get("models")
@@ -266,7 +251,7 @@ def parse_config(
         raise ConfigError("no models configured; add at least one [[models]] table", key="models")
     if not isinstance(raw_models, list) or not raw_models:
         raise ConfigError(
-            f"must be a non-empty array of tables ([[models]]), got {_type_name(raw_models)}",
+            f"must be a non-empty array of tables ([[models]]), got {type_name(raw_models)}",
             key="models",
         )
     models: list[ModelSpec] = []
@@ -298,6 +283,7 @@ def parse_config(
         models=tuple(models),
         policy=policy,
         policy_params=params,
+        scoring=scoring,
         mailbox_capacity=capacity,
         kinds=required,
         metrics=metrics,
@@ -305,92 +291,96 @@ def parse_config(
     )
 
 
-def _policy_kwargs(name: str, params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
-    """Check ``params`` and return the ones for the policy's constructor.
+def _make_policy(name: str, params: Mapping[str, ParamValue]) -> object:
+    """The policy ``name`` built with ``params``, which its constructor validates.
 
-    The kernel's parameters (:data:`KERNEL_PARAMS`) go to the scheduler and must be numbers
-    >= 0; every other parameter must be one the policy's constructor takes, with a value it
-    accepts (it is built once, here, to find out).
+    Raises:
+        ConfigError: an unknown policy, a parameter its constructor does not take, or a value it
+            rejects (keyed under ``policy.params``).
     """
     from ._policies import POLICIES
 
     cls = POLICIES.get(name)
     if cls is None:
         raise ConfigError(f"unknown policy {name!r}; known: {sorted(POLICIES)}", key="policy.name")
-    for key in KERNEL_PARAMS.intersection(params):
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise ConfigError(f"must be a number >= 0, got {value!r}", key=f"policy.params.{key}")
-    kwargs = {k: v for k, v in params.items() if k not in KERNEL_PARAMS}
     accepted = [p for p in inspect.signature(cls).parameters if p != "seed"]
-    for key in kwargs:
+    for key in params:
         if key not in accepted:
+            takes = f"it takes {sorted(accepted)}" if accepted else "it takes none"
+            hint = "; scoring parameters go in the [scoring] table" if key in SCORING_FIELDS else ""
             raise ConfigError(
-                f"policy {name!r} takes no parameter {key!r}; it takes "
-                f"{sorted([*accepted, *KERNEL_PARAMS])}",
+                f"policy {name!r} takes no parameter {key!r}; {takes}{hint}",
                 key=f"policy.params.{key}",
             )
     try:
-        cls(**kwargs)
+        policy: object = cls(**params)
     except ConfigError as exc:
-        detail = f"{exc.key}: " if exc.key else ""
-        raise ConfigError(f"{detail}{str(exc).removeprefix(detail)}", key="policy.params") from None
-    except (TypeError, ValueError) as exc:
+        raise exc.under("policy.params") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(str(exc), key="policy.params") from None
-    return kwargs
+    return policy
 
 
 def _model(raw: object, i: int, base_dir: Path, make_models: bool) -> ModelSpec:
+    """The :class:`~zeta.ModelSpec` of ``models[i]``; the spec validates every field it has."""
     prefix = f"models[{i}]"
     table = _table(raw, prefix)
     _check_keys(table, _MODEL_KEYS, f"{prefix}.")
-    values: dict[str, Any] = {k: _MODEL_KEYS[k](v, f"{prefix}.{k}") for k, v in table.items()}
-    if "name" not in values:
+    if "name" not in table:
         raise ConfigError("missing; every model needs a name", key=f"{prefix}.name")
-    name = str(values.pop("name"))
-    backend = str(values.pop("backend", "llama_cpp"))
-    if backend not in BACKENDS:
-        raise ConfigError(
-            f"unknown backend {backend!r}; known: {sorted(BACKENDS)}", key=f"{prefix}.backend"
-        )
-    path, ladder = values.pop("path", None), values.pop("ladder", None)
-    seed = values.pop("seed", None)
-    fields: dict[str, Any] = {"name": name, "backend": backend}
+    fields = {k: v for k, v in table.items() if k not in ("ladder", "seed")}
+    ladder = None
+    seed = 0
+    if "ladder" in table:
+        from . import _ladder  # pulls in gguf: only when a ladder model is named
 
-    if path is not None and ladder is not None:
-        raise ConfigError("give either path or ladder, not both", key=f"{prefix}.path")
-    if seed is not None and ladder is None:
-        raise ConfigError("seed applies to ladder models only", key=f"{prefix}.seed")
-    if ladder is not None:
-        from .testing import _ladder  # pulls in gguf: only when a ladder model is named
-
-        if ladder not in _ladder.LADDER:
+        if "path" in table:
+            raise ConfigError("give either path or ladder, not both", key=f"{prefix}.path")
+        name = _str(table["ladder"], f"{prefix}.ladder")
+        ladder = _ladder.LADDER.get(name)
+        if ladder is None:
             raise ConfigError(
-                f"unknown ladder model {ladder!r}; known: {sorted(_ladder.LADDER)}",
+                f"unknown ladder model {shown(name)}; known: {sorted(_ladder.LADDER)}",
                 key=f"{prefix}.ladder",
             )
-        m = _ladder.LADDER[str(ladder)]
-        s = int(seed or 0)
-        file = _ladder.make_model(m, seed=s) if make_models else _ladder.model_path(m, seed=s)
-        kinds, preferred, quality = _ladder.ROLES[m.role]
-        fields.update(path=str(file), kinds=kinds, preferred=preferred, quality=quality)
-    elif path is not None:
-        fields["path"] = str((base_dir / Path(str(path)).expanduser()).resolve())
-    elif backend != "simulated":
+        seed = check_int(table.get("seed", 0), f"{prefix}.seed", 0, MAX_LADDER_SEED)
+        kinds, preferred, quality = _ladder.ROLES[ladder.role]
+        if "kinds" in table and "preferred" not in table:
+            # The role's preferred kinds, narrowed to what this entry serves (empty: all of
+            # them). Invalid kinds are left for ModelSpec to report.
+            with contextlib.suppress(ConfigError):
+                preferred = preferred & parse_kinds(table["kinds"], "kinds")
+        path = str(_ladder.model_path(ladder, seed=seed))
+        role = {"path": path, "kinds": kinds, "preferred": preferred, "quality": quality}
+        fields = {**role, **fields}
+    elif "seed" in table:
+        raise ConfigError("seed applies to ladder models only", key=f"{prefix}.seed")
+
+    try:
+        spec = ModelSpec(**fields)
+    except ConfigError as exc:
+        raise exc.under(prefix) from None
+    if spec.backend not in BACKENDS:
+        raise ConfigError(
+            f"unknown backend {spec.backend!r}; known: {sorted(BACKENDS)}",
+            key=f"{prefix}.backend",
+        )
+    if spec.path is None and spec.backend != "simulated":
         raise ConfigError(
             "missing; give path (a GGUF file) or ladder (a generated model name)",
             key=f"{prefix}.path",
         )
-    if "kinds" in values and "preferred" not in values and "preferred" in fields:
-        # A ladder role's preferred kinds, narrowed to what this entry serves (empty: all).
-        fields["preferred"] = fields["preferred"] & values["kinds"]
-    fields.update(values)
-    if "options" in fields:
-        fields["options"] = dict(fields["options"])
+    if ladder is not None:
+        if make_models:
+            _ladder.make_model(ladder, seed=seed)
+    elif spec.path is not None:
+        spec = dataclasses.replace(spec, path=_resolve(spec.path, base_dir, f"{prefix}.path"))
+    return spec
+
+
+def _resolve(path: str, base_dir: Path, key: str) -> str:
+    """``path`` made absolute, relative to the config file's directory; ``~`` expanded."""
     try:
-        return ModelSpec(**fields)
-    except ConfigError as exc:
-        # ModelSpec names keys as models.<name>.<field>; point at the file's entry instead.
-        field_name = (exc.key or "").rpartition(".")[2] or "name"
-        message = str(exc)[len(exc.key) + 2 :] if exc.key else str(exc)
-        raise ConfigError(message, key=f"{prefix}.{field_name}") from None
+        return str((base_dir / Path(path).expanduser()).resolve())
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot resolve {shown(path)}: {exc}", key=key) from None

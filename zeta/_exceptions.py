@@ -23,12 +23,20 @@ class InvalidInputError(ZetaError, ValueError):
 class ConfigError(InvalidInputError):
     """Raised when building a :class:`~zeta.ModelSpec`, a policy or a config file with invalid values.
 
-    The message names the offending key and the problem.
+    ``key`` names the offending field or key path (``n_ctx``, ``models[1].n_ctx``) and
+    ``message`` the problem; ``str(error)`` is ``"key: message"``.
     """
 
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(f"{key}: {message}" if key else message)
+        self.message = message
         self.key = key
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under ``prefix`` (``models[1]`` + ``n_ctx`` gives
+        ``models[1].n_ctx``); what a loader raises for a value it handed on to be validated.
+        """
+        return ConfigError(self.message, key=f"{prefix}.{self.key}" if self.key else prefix)
 
 
 class InvalidRequestError(InvalidInputError):

@@ -19,39 +19,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import count
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 
-__all__ = ["EventLike", "MailboxStatistics", "PriorityMailbox", "Ticket"]
+from ._loop import EventLike
+
+__all__ = ["PriorityMailbox", "Ticket"]
 
 T = TypeVar("T")
 
 
-class EventLike(Protocol):
-    """What the runtime needs of an event: :class:`anyio.Event`, or the running loop's own
-    (``asyncio.Event``, ``trio.Event``), which skips anyio's per-call backend lookup."""
-
-    def set(self) -> object: ...
-
-    def is_set(self) -> bool: ...
-
-    async def wait(self) -> object: ...
-
-
 #: Where an item sits in a mailbox: ``(priority class, sequence number)``; used to remove it.
 Ticket = tuple[int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class MailboxStatistics:
-    """Queue length per priority class (index = class) and the mailbox's capacity."""
-
-    per_class: tuple[int, ...]
-    capacity: int
-    closed: bool
 
 
 class PriorityMailbox(Generic[T]):
@@ -104,9 +85,6 @@ class PriorityMailbox(Generic[T]):
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def statistics(self) -> MailboxStatistics:
-        return MailboxStatistics(tuple(len(q) for q in self._queues), self._capacity, self._closed)
 
     # -- producer side ----------------------------------------------------------------------
     def put_nowait(self, item: T, priority: int, enqueued_at: float) -> Ticket:

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from ._exceptions import ConfigError
 from ._scoring import NO_CANDIDATE, ScoreTable
-from ._types import Kind, Priority
+from ._types import Kind, Priority, check_number
 
 __all__ = [
     "POLICIES",
@@ -233,12 +233,12 @@ class ThresholdPolicy:
         max_spill_difficulty: float = 0.5,
         backlog_s: float = 2.0,
     ) -> None:
-        if not 0.0 <= low < high <= 1.0:
+        high = check_number(high, "high", 0.0, 1.0)
+        low = check_number(low, "low", 0.0, 1.0)
+        if not low < high:
             raise ConfigError(f"need 0 <= low < high <= 1, got low={low!r}, high={high!r}")
-        if not 0.0 <= max_spill_difficulty <= 1.0:
-            raise ConfigError("must be in [0, 1]", key="max_spill_difficulty")
-        if not backlog_s > 0.0:
-            raise ConfigError(f"must be > 0, got {backlog_s!r}", key="backlog_s")
+        max_spill_difficulty = check_number(max_spill_difficulty, "max_spill_difficulty", 0.0, 1.0)
+        backlog_s = check_number(backlog_s, "backlog_s", 0.0, 1e6, low_open=True)
         self.backlog_s = backlog_s
         self.high = high
         self.low = low

@@ -1,6 +1,8 @@
 """One request's state as it moves through the scheduler, and the results callers get back.
 
-A :class:`Request` is owned by the event loop. The only fields a worker thread touches are
+A :class:`Request` is owned by the event loop. It knows nothing of actors: the mailbox that
+queues it hands it the callable that takes it back out (``withdraw``), so settling a queued
+request removes it without the request importing the actor. The only fields a worker thread touches are
 ``abandoned``, ``attempts`` and ``state`` (read by the token callback: stop generating) and
 ``streamed``/``progress`` (written by it); all are single attribute loads and stores, safe under
 the GIL, and a stale read costs at most one extra token, which the loop side then drops.
@@ -12,20 +14,21 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from ._mailbox import EventLike
+from ._exceptions import DeadlineExceeded
+from ._loop import EventLike, LoopHandle
+from ._mailbox import Ticket
 from ._policies import RouteRequest
 from ._types import Kind, Priority
-from .backends._base import CompletionParams, TokenCallback
+from .backends._base import CompletionParams, EmbedParams, TokenCallback
 
-if TYPE_CHECKING:
-    from ._actor import LoopHandle, ModelActor
-    from ._mailbox import Ticket
+__all__ = ["CompletionResult", "EmbeddingResult", "Payload", "Request", "RequestState"]
 
-__all__ = ["CompletionResult", "EmbeddingResult", "Op", "Request", "RequestState"]
+#: What a request asks of a backend.
+Payload = CompletionParams | EmbedParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,15 +66,10 @@ class EmbeddingResult:
     request_id: int
 
 
-class Op(enum.Enum):
-    COMPLETE = "complete"
-    EMBED = "embed"
-
-
 class RequestState(enum.Enum):
     NEW = "new"  # not in any mailbox (being admitted, or between a failed actor and a retry)
-    QUEUED = "queued"  # in ``actor``'s mailbox under ``ticket``
-    RUNNING = "running"  # ``actor`` is executing it
+    QUEUED = "queued"  # in ``model``'s mailbox under ``ticket``
+    RUNNING = "running"  # ``model``'s actor is executing it
     DONE = "done"  # settled: ``result`` or ``error`` is final (both None: the caller left)
 
 
@@ -82,15 +80,15 @@ class Request:
         "_new_event",
         "_waiter",
         "abandoned",
-        "actor",
+        "admission_timeout",
         "attempts",
         "created_at",
         "deadline",
         "enqueued_at",
         "error",
         "id",
-        "op",
-        "params",
+        "model",
+        "payload",
         "pieces",
         "preferred",
         "progress",
@@ -101,35 +99,38 @@ class Request:
         "started_at",
         "state",
         "streamed",
-        "texts",
         "ticket",
+        "withdraw",
     )  # fmt: skip
 
     def __init__(
         self,
         request_id: int,
-        op: Op,
+        payload: Payload,
         route: RouteRequest,
         *,
         created_at: float,
         deadline: float | None,
-        params: CompletionParams | None = None,
-        texts: list[str] | None = None,
+        admission_timeout: float = 0.0,
         stream: bool = False,
         preferred: str | None = None,
         new_event: Callable[[], EventLike] = anyio.Event,
     ) -> None:
         self.id = request_id
-        self.op = op
+        self.payload = payload
         self.route = route
-        self.params = params
-        self.texts = texts
         self.created_at = created_at
+        #: Absolute time on the scheduler's clock, or ``None``.
         self.deadline = deadline
+        #: Seconds to wait for mailbox room (``math.inf``: until the deadline).
+        self.admission_timeout = admission_timeout
         self.preferred = preferred
         self.state = RequestState.NEW
-        self.actor: ModelActor | None = None
+        #: The model whose mailbox or worker holds it (or last held it).
+        self.model: str | None = None
         self.ticket: Ticket | None = None
+        #: Takes it back out of the mailbox it is queued in (set by that mailbox's actor).
+        self.withdraw: Callable[[Request], None] | None = None
         self.attempts = 0
         self.enqueued_at: float | None = None
         self.started_at: float | None = None
@@ -164,8 +165,8 @@ class Request:
         """
         if self.state is RequestState.DONE:
             return False
-        if self.state is RequestState.QUEUED and self.actor is not None:
-            self.actor.withdraw(self)
+        if self.state is RequestState.QUEUED and self.withdraw is not None:
+            self.withdraw(self)
         self.state = RequestState.DONE
         self.result = result
         self.error = error
@@ -176,6 +177,12 @@ class Request:
         """The caller is gone: stop generation at the next token and drop any result."""
         self.abandoned = True
         self.finish()
+
+    def expire(self) -> None:
+        """Fail the request with :class:`~zeta.DeadlineExceeded` unless it has settled."""
+        if not self.done:
+            self.abandoned = True
+            self.finish(error=DeadlineExceeded(f"request {self.id}: deadline passed"))
 
     # -- waiting (event loop) ---------------------------------------------------------------
     def _wake(self) -> None:
@@ -190,6 +197,29 @@ class Request:
         if waiter is None:
             waiter = self._waiter = self._new_event()
         await waiter.wait()
+
+    async def wait_done(self, clock: Callable[[], float]) -> None:
+        """Wait until settled; at the deadline (on ``clock``) expire it instead."""
+        deadline = self.deadline
+        if deadline is None:
+            while not self.done:
+                await self.wait()
+            return
+        with anyio.move_on_after(deadline - clock()):
+            while not self.done:
+                await self.wait()
+        self.expire()
+
+    async def wait_progress(self, clock: Callable[[], float]) -> None:
+        """Wait for a streamed piece or settlement; at the deadline expire it instead."""
+        deadline = self.deadline
+        if deadline is None:
+            await self.wait()
+            return
+        with anyio.move_on_after(deadline - clock()):
+            await self.wait()
+            return
+        self.expire()
 
     def push(self, piece: str, attempt: int) -> None:
         """Hand one streamed piece of attempt ``attempt`` to the consumer (on the event loop).

@@ -9,17 +9,14 @@ reads a clock or logs: the decision path runs once per request.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ._exceptions import ConfigError
 from ._policies import POLICIES, Candidate, Policy, RouteRequest
 from ._scoring import NO_CANDIDATE, ScoreTable
-from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec
+from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec, Scoring
 
-__all__ = ["TUNABLE_PARAMS", "Router", "build_candidates"]
-
-#: Router parameters a calibrator may set (see :meth:`Router.apply_params`).
-TUNABLE_PARAMS = ("tau", "contention_weight", "spill_penalty", "quality_penalty")
+__all__ = ["Router", "build_candidates", "check_models"]
 
 
 def build_candidates(models: Sequence[ModelSpec], capacity: int) -> tuple[Candidate, ...]:
@@ -41,17 +38,46 @@ def build_candidates(models: Sequence[ModelSpec], capacity: int) -> tuple[Candid
     return tuple(out)
 
 
+def check_models(models: Iterable[object], max_actors: int) -> tuple[ModelSpec, ...]:
+    """``models`` as a tuple, if they are model specs with unique names and at most
+    ``max_actors`` replicas in all.
+
+    Raises:
+        ConfigError: naming the key ``models``.
+    """
+    try:
+        items = tuple(models)
+    except TypeError:
+        raise ConfigError("must be a sequence of ModelSpec objects", key="models") from None
+    if not items:
+        raise ConfigError("at least one model is needed", key="models")
+    specs: list[ModelSpec] = []
+    for spec in items:
+        if not isinstance(spec, ModelSpec):
+            raise ConfigError(
+                f"expected ModelSpec objects, got {type(spec).__name__}", key="models"
+            )
+        specs.append(spec)
+    names = [m.name for m in specs]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"model names must be unique, repeated: {dupes}", key="models")
+    actors = sum(m.replicas for m in specs)
+    if actors > max_actors:
+        raise ConfigError(
+            f"{actors} replicas in all; at most {max_actors} actors are run", key="models"
+        )
+    return tuple(specs)
+
+
 class Router:
     """Candidate table plus policy.
 
     Args:
         candidates: from :func:`build_candidates`.
         policy: decides per request.
+        scoring: the kernel's parameters (see :class:`~zeta.Scoring`).
         seed: seeds the kernel's tie-breaking rotation.
-        tau: peak-EWMA time constant (seconds).
-        contention_weight: weight of utilisation in the kernel's cost.
-        spill_penalty: seconds added to the cost of serving a kind the model does not prefer.
-        quality_penalty: seconds added per quality rank (0 is best).
     """
 
     def __init__(
@@ -59,11 +85,8 @@ class Router:
         candidates: Sequence[Candidate],
         policy: Policy,
         *,
+        scoring: Scoring = Scoring(),
         seed: int = 0,
-        tau: float = 5.0,
-        contention_weight: float = 1.0,
-        spill_penalty: float = 1.0,
-        quality_penalty: float = 0.25,
     ) -> None:
         if not candidates:
             raise ConfigError("at least one model is needed", key="models")
@@ -73,11 +96,15 @@ class Router:
         # policy is checked on every decision.
         self._check = type(policy) not in POLICIES.values()
         self.table = ScoreTable(
-            len(self.candidates), len(SERVED_KINDS), seed=seed, tau=tau, weight=contention_weight
+            len(self.candidates),
+            len(SERVED_KINDS),
+            seed=seed,
+            tau=scoring.tau,
+            weight=scoring.contention_weight,
         )
-        self.spill_penalty = 0.0
-        self.quality_penalty = 0.0
-        self.apply_params({"spill_penalty": spill_penalty, "quality_penalty": quality_penalty})
+        #: The parameters in force.
+        self.scoring = scoring
+        self._fill_capabilities()
         #: Candidate rows that can serve each kind at all.
         self.capable: dict[Kind, tuple[int, ...]] = {
             kind: tuple(c.index for c in self.candidates if kind in c.kinds)
@@ -145,50 +172,27 @@ class Router:
         return min(60.0, max(0.001, best))
 
     # -- parameters -------------------------------------------------------------------------
-    def params(self) -> dict[str, float]:
-        """Current values of :data:`TUNABLE_PARAMS`."""
-        return {
-            "tau": self.table.tau,
-            "contention_weight": self.table.weight,
-            "spill_penalty": self.spill_penalty,
-            "quality_penalty": self.quality_penalty,
-        }
-
-    def apply_params(self, params: Mapping[str, float]) -> dict[str, float]:
-        """Validate and apply some of :data:`TUNABLE_PARAMS`; return what was applied.
+    def apply(self, changes: Mapping[str, float]) -> Scoring:
+        """Validate and apply new values for some :class:`~zeta.Scoring` fields.
 
         All values are checked before anything changes.
 
         Raises:
-            ConfigError: an unknown key, or a value that is not a finite number in range.
+            ConfigError: an unknown field, or a value out of range.
         """
-        clean: dict[str, float] = {}
-        for key, value in params.items():
-            if key not in TUNABLE_PARAMS:
-                raise ConfigError(f"unknown parameter; tunable: {list(TUNABLE_PARAMS)}", key=key)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
-                raise ConfigError(f"must be a finite number, got {value!r}", key=key)
-            if value < 0 or (key == "tau" and value <= 0):
-                raise ConfigError(
-                    f"must be {'> 0' if key == 'tau' else '>= 0'}, got {value!r}", key=key
-                )
-            clean[key] = float(value)
-        if "tau" in clean or "contention_weight" in clean:
-            self.table.set_params(tau=clean.get("tau"), weight=clean.get("contention_weight"))
-        if "spill_penalty" in clean or "quality_penalty" in clean:
-            self.spill_penalty = clean.get("spill_penalty", self.spill_penalty)
-            self.quality_penalty = clean.get("quality_penalty", self.quality_penalty)
+        old, new = self.scoring, self.scoring.replace(changes)
+        if (new.tau, new.contention_weight) != (old.tau, old.contention_weight):
+            self.table.set_params(tau=new.tau, weight=new.contention_weight)
+        self.scoring = new
+        if (new.spill_penalty, new.quality_penalty) != (old.spill_penalty, old.quality_penalty):
             self._fill_capabilities()
-        return clean
+        return new
 
     def _fill_capabilities(self) -> None:
+        scoring = self.scoring
         for c in self.candidates:
             for kind in SERVED_KINDS:
-                penalty = c.quality * self.quality_penalty
+                penalty = c.quality * scoring.quality_penalty
                 if kind not in c.preferred:
-                    penalty += self.spill_penalty
+                    penalty += scoring.spill_penalty
                 self.table.set_capability(c.index, KIND_INDEX[kind], kind in c.kinds, penalty)

@@ -21,13 +21,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
+from anyio.abc import TaskGroup
 
 from ._actor import ContextFailure, ModelActor
 from ._calibration import CalibrationView, Calibrator
-from ._exceptions import ActorDead, ConfigError, SchedulerClosed
+from ._exceptions import ActorDead, ConfigError, ModelLoadError, SchedulerClosed
 from ._request import Request, RequestState
 from ._router import Router
 from ._snapshot import ActorState, SchedulerSnapshot
+from ._types import check_int, check_number
+from .backends._base import CompletionParams, EmbedParams
 from .telemetry._logging import get_logger, redacting
 from .telemetry._recorder import Recorder
 from .telemetry._samplers import UtilisationSampler
@@ -37,20 +40,34 @@ __all__ = ["Supervision", "Supervisor"]
 log = get_logger(__name__)
 
 
+#: The longest any of :class:`Supervision`'s durations may be, in seconds (about 11.6 days):
+#: far beyond a useful setting, and small enough for every timer and deadline to stay finite.
+MAX_SUPERVISION_S = 1e6
+
+#: The most failures :class:`Supervision` may tolerate in its window; with it the doubled
+#: backoff (``backoff_initial_s * 2 ** failures``) stays a finite float.
+MAX_RESTARTS = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class Supervision:
     """How actors are restarted, marked down, probed and shut down.
 
+    Validates itself: a bad value raises :class:`~zeta.ConfigError` naming the field. Durations
+    are finite numbers of seconds up to :data:`MAX_SUPERVISION_S` (1e6).
+
     Args:
         max_restarts: failures tolerated within ``window_s``; one more marks the actor down.
-        window_s: the sliding window for counting failures, seconds.
-        backoff_initial_s: delay before the first restart; doubles with each failure in the window.
-        backoff_max_s: the longest delay between restarts.
-        probe_interval_s: time between probes of a down actor.
+            0 to :data:`MAX_RESTARTS` (1000).
+        window_s: the sliding window for counting failures, seconds; ``> 0``.
+        backoff_initial_s: delay before the first restart; doubles with each failure in the
+            window. ``>= 0``.
+        backoff_max_s: the longest delay between restarts; ``>= backoff_initial_s``.
+        probe_interval_s: time between probes of a down actor; ``>= 0``.
         hang_timeout_s: a call that makes no progress (no token) for this long is declared hung;
-            ``None`` never gives up on a call.
+            ``> 0``, or ``None`` never to give up on a call.
         shutdown_timeout_s: how long closing the scheduler waits for running calls to finish and
-            contexts to close before abandoning them.
+            contexts to close before abandoning them; ``>= 0``.
     """
 
     max_restarts: int = 5
@@ -62,34 +79,26 @@ class Supervision:
     shutdown_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_restarts, bool)
-            or not isinstance(self.max_restarts, int)
-            or self.max_restarts < 0
-        ):
-            raise ConfigError(
-                f"must be an integer >= 0, got {self.max_restarts!r}", key="max_restarts"
-            )
+        check_int(self.max_restarts, "max_restarts", 0, MAX_RESTARTS)
         for key in (
             "window_s",
             "backoff_initial_s",
             "backoff_max_s",
             "probe_interval_s",
+            "hang_timeout_s",
             "shutdown_timeout_s",
         ):
-            _positive(key, getattr(self, key), allow_zero=key != "window_s")
-        if self.hang_timeout_s is not None:
-            _positive("hang_timeout_s", self.hang_timeout_s)
+            value = getattr(self, key)
+            if not (key == "hang_timeout_s" and value is None):
+                positive = key in ("window_s", "hang_timeout_s")
+                seconds = check_number(value, key, 0.0, MAX_SUPERVISION_S, low_open=positive)
+                object.__setattr__(self, key, seconds)
         if self.backoff_max_s < self.backoff_initial_s:
-            raise ConfigError("must be >= backoff_initial_s", key="backoff_max_s")
-
-
-def _positive(key: str, value: object, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
-        raise ConfigError(
-            f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}", key=key
-        )
+            raise ConfigError(
+                f"must be >= backoff_initial_s ({self.backoff_initial_s:g}), "
+                f"got {self.backoff_max_s:g}",
+                key="backoff_max_s",
+            )
 
 
 class Supervisor:
@@ -138,6 +147,84 @@ class Supervisor:
             await self._stop.wait()
         return self._stop.is_set()
 
+    async def open_all(self) -> set[ModelActor]:
+        """Open every context concurrently (each on its own worker).
+
+        Returns the actors of ``optional`` models whose file failed to load, after one
+        ``model_load_failed`` warning per such model.
+
+        Raises:
+            ModelLoadError: a model that is not optional failed to load, or every actor did.
+            Exception: any other failure to open a context (a backend bug is not a bad file).
+        """
+        jobs = [(actor, actor.begin_open()) for actor in self._actors]
+        failed: dict[str, tuple[ModelLoadError, list[ModelActor]]] = {}
+        try:
+            for actor, job in jobs:
+                try:
+                    await actor.finish_open(job)
+                except ModelLoadError as exc:
+                    if not actor.spec.optional:
+                        raise
+                    failed.setdefault(actor.name, (exc, []))[1].append(actor)
+            unloaded = {actor for _, actors in failed.values() for actor in actors}
+            if len(unloaded) == len(self._actors):
+                raise next(iter(failed.values()))[0]
+        except BaseException:
+            # Let the contexts that are still opening finish and close (bounded), so no thread of
+            # a failed startup is still loading weights when the error reaches the caller.
+            closing = [c for a in self._actors if (c := a.retire_context()) is not None]
+            with anyio.move_on_after(self.config.shutdown_timeout_s, shield=True):
+                for close in closing:
+                    await close.wait()
+            raise
+        for name, (error, actors) in failed.items():
+            log.warning(
+                "model_load_failed",
+                model=name,
+                path=error.path if error.path is not None else actors[0].spec.path,
+                replicas=[a.replica for a in actors],
+                error=str(error),
+            )
+        return unloaded
+
+    def serve_all(self, tg: TaskGroup, unloaded: set[ModelActor]) -> None:
+        """Mark the actors ready (``unloaded`` ones down) and start, in ``tg``, a supervising
+        task per actor and the sampler, calibration and hang-watch timers."""
+        for actor in self._actors:
+            loaded = actor not in unloaded
+            actor.set_state(ActorState.READY if loaded else ActorState.DOWN)
+            tg.start_soon(
+                self.supervise, actor, loaded, name=f"zeta actor {actor.name}[{actor.replica}]"
+            )
+        tg.start_soon(self.sample_forever, name="zeta sampler")
+        tg.start_soon(self.calibrate_forever, name="zeta calibration")
+        tg.start_soon(self.watch_hangs, name="zeta hang watchdog")
+
+    async def shut_down(self) -> None:
+        """Fail what is queued, stop restarting, and let running calls finish (bounded by
+        ``shutdown_timeout_s``)."""
+        for actor in self._actors:
+            for request in actor.close_mailbox():
+                request.finish(error=SchedulerClosed("the scheduler closed before the request ran"))
+        self.stop()
+        with anyio.move_on_after(self.config.shutdown_timeout_s):
+            for actor in self._actors:
+                await actor.finished.wait()
+
+    def release(self, *, close_sampler: bool) -> None:
+        """Give up every context and mark every actor stopped; close the sampler if asked (it
+        releases NVML if the default sampler opened it)."""
+        for actor in self._actors:
+            actor.retire_context()
+            actor.set_state(ActorState.STOPPED)
+        close = getattr(self._sampler, "close", None)
+        if close_sampler and callable(close):
+            try:
+                close()
+            except Exception as exc:
+                log.warning("sampler_close_failed", error=repr(exc))
+
     # -- actors -----------------------------------------------------------------------------
     async def supervise(self, actor: ModelActor, loaded: bool = True) -> None:
         """Serve ``actor`` until the scheduler closes, restarting its context when it breaks.
@@ -176,8 +263,10 @@ class Supervisor:
         actor.retire_context()
         request = failure.request
         what = "hung" if failure.hung else "crashed"
-        prompt = request.params.prompt if request is not None and request.params is not None else ""
-        with redacting(prompt):
+        payload = None if request is None else request.payload
+        texts = payload.texts if isinstance(payload, EmbedParams) else ()
+        prompt = (payload.prompt,) if isinstance(payload, CompletionParams) else ()
+        with redacting(*prompt, *texts):
             log.warning(
                 "actor_failed",
                 model=actor.name,
@@ -335,13 +424,16 @@ class Supervisor:
         view = CalibrationView(
             snapshot=self._snapshot(),
             history=self._recorder.snapshot(),
-            params=self._router.params(),
+            params=self._router.scoring.as_dict(),
             run=self.calibration_runs,
         )
         proposed = await self._calibrator.calibrate(view)
         self.calibration_runs += 1
-        applied = self._router.apply_params(proposed) if proposed is not None else {}
-        params = self._router.params()
+        applied: dict[str, float] = {}
+        if proposed is not None:
+            scoring = self._router.apply(proposed)
+            applied = {k: getattr(scoring, k) for k in proposed}
+        params = self._router.scoring.as_dict()
         self._recorder.calibrated(params)
         log.info("calibrated", run=self.calibration_runs, changed=sorted(applied), **params)
         return applied

@@ -1,10 +1,17 @@
-"""Core value types: request kinds, priorities and model specs."""
+"""Core value types: request kinds, priorities, model specs and the routing parameters.
+
+Each value validates itself where it is defined (``__post_init__``), raising
+:class:`~zeta.ConfigError` naming the field; the config file layer only maps its keys onto these
+fields and prefixes the key path (:meth:`ConfigError.under <zeta.ConfigError.under>`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,39 +41,128 @@ class Priority(enum.IntEnum):
     LOW = 2
 
 
-def _kinds(value: Iterable[Kind | str], key: str) -> frozenset[Kind]:
-    if isinstance(value, str):
-        raise ConfigError("expected a list of kinds, got a string", key=key)
+# --------------------------------------------------------------------------------------------
+# Checks shared by the self-validating values (ModelSpec, Scoring, Supervision) and the config
+# file's own keys. Each raises ConfigError with ``key`` set to the name it is given.
+
+_TYPE_NAMES: dict[type, str] = {
+    bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+    list: "an array", dict: "a table", type(None): "None",
+}  # fmt: skip
+
+
+def type_name(value: object) -> str:
+    """How an error message names the type of ``value`` (TOML's words for TOML's types)."""
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message shows it: short, and never failing.
+
+    Numbers and strings appear as themselves (cut to 40 characters); anything else by its type. A
+    huge integer is described, not printed: Python refuses to convert one of more than 4300 digits
+    to text.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return type_name(value)
+    if isinstance(value, int) and abs(value) >= 10**18:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def check_int(value: object, key: str, low: int, high: int) -> int:
+    """``value`` if it is an integer (not a boolean) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"must be an integer, got {type_name(value)}", key=key)
+    if not low <= value <= high:
+        raise ConfigError(f"must be between {low} and {high}, got {shown(value)}", key=key)
+    return int(value)
+
+
+def check_number(
+    value: object, key: str, low: float, high: float, *, low_open: bool = False
+) -> float:
+    """``value`` as a float if it is a finite number in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); huge integers and non-finite floats are rejected, never overflow."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"must be a number, got {type_name(value)}", key=key)
+    if not (_finite_at_most(value, high) and (value > low if low_open else value >= low)):
+        raise ConfigError(
+            f"must be a finite number {'>' if low_open else '>='} {low:g} and <= {high:g}, "
+            f"got {shown(value)}",
+            key=key,
+        )
+    return float(value)
+
+
+def parse_kinds(value: object, key: str) -> frozenset[Kind]:
+    """The kinds named by ``value``, a collection of kind names or :class:`Kind` members.
+
+    ``"auto"`` is a request kind, not one a model serves, so it is rejected.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ConfigError(f"must be an array of kinds, got {type_name(value)}", key=key)
     out = set()
-    for v in value:
+    for item in value:
         try:
-            k = Kind(v)
-        except ValueError:
+            kind = Kind(item)
+        except (ValueError, TypeError):
+            names = [k.value for k in SERVED_KINDS]
             raise ConfigError(
-                f"unknown kind {v!r}; expected one of {[k.value for k in SERVED_KINDS]}", key=key
+                f"unknown kind {shown(item)}; expected one of {names}", key=key
             ) from None
-        if k is Kind.AUTO:
-            raise ConfigError("'auto' is not a kind a model serves", key=key)
-        out.add(k)
+        if kind is Kind.AUTO:
+            raise ConfigError("'auto' is a request kind, not one a model serves", key=key)
+        out.add(kind)
     return frozenset(out)
+
+
+# --------------------------------------------------------------------------------------------
+
+#: Inclusive ranges of :class:`ModelSpec`'s integer fields. The upper bounds are far beyond any
+#: real deployment and keep every value inside the C types llama.cpp stores it in.
+MODEL_INT_RANGES: Mapping[str, tuple[int, int]] = {
+    "quality": (0, 1000),
+    "replicas": (1, 64),
+    "n_ctx": (16, 2**24),
+    "n_threads": (1, 1024),
+    "n_gpu_layers": (-1, 10_000),
+    "device": (0, 1024),
+}
+
+#: The longest model (and backend) name, in characters.
+MAX_NAME_LENGTH = 128
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """One model zeta schedules onto.
 
+    The one validator of these fields: a bad value raises :class:`~zeta.ConfigError` whose
+    ``key`` is the field's name, at construction. Integer fields take integers only (no booleans,
+    no floats) within the ranges of :data:`MODEL_INT_RANGES`.
+
     Args:
-        name: unique name, used in logs, metrics and snapshots.
-        path: GGUF file (or ladder name resolved by the config loader); ``None`` for simulated
-            backends.
-        kinds: kinds this model can serve at all.
-        preferred: kinds it is meant for; serving any other capable kind costs ``spill_penalty``.
-        quality: quality rank, 0 is best; each rank adds ``quality_penalty`` seconds of cost.
-        replicas: how many independent contexts (actors) to run.
-        n_ctx, n_threads, n_gpu_layers: llama.cpp context parameters.
-        device: GPU index the model's layers live on, ``None`` for the CPU.
-        backend: backend name (``"llama_cpp"`` or ``"simulated"``).
-        options: backend-specific options.
+        name: unique name, used in logs, metrics and snapshots; printable, at most
+            :data:`MAX_NAME_LENGTH` characters.
+        path: GGUF file (a string or path-like; the config loader resolves it against the config
+            file's directory, or to a ladder model); ``None`` for simulated backends.
+        kinds: kinds this model can serve at all (kind names or :class:`Kind` members), at least
+            one.
+        preferred: kinds it is meant for, a subset of ``kinds`` (empty: all of them); serving any
+            other capable kind costs ``spill_penalty``.
+        quality: quality rank, 0 is best, up to 1000; each rank adds ``quality_penalty`` seconds
+            of cost.
+        replicas: how many independent contexts (actors) to run, 1 to 64.
+        n_ctx: llama.cpp context length in tokens, 16 to 2**24 (16,777,216).
+        n_threads: CPU threads per context, 1 to 1024.
+        n_gpu_layers: layers to offload to the GPU, 0 to 10000, or -1 for all of them.
+        device: GPU index (0 to 1024) the model's layers live on, ``None`` for the CPU.
+        backend: backend name (``"llama_cpp"`` or ``"simulated"``); the name is looked up when
+            the scheduler is built (the config loader checks it up front).
+        options: backend-specific options, a mapping with string keys (the backend checks the
+            values when it opens the model).
         optional: whether the scheduler may start without this model when its file fails to
             load (:class:`~zeta.ModelLoadError`). Its actors are then ``DOWN`` (routed around and
             probed until the file loads) instead of the whole scheduler refusing to start.
@@ -87,33 +183,118 @@ class ModelSpec:
     optional: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or not self.name.isprintable():
-            raise ConfigError("must be a non-empty printable string", key="name")
-        key = f"models.{self.name}"
-        object.__setattr__(self, "kinds", _kinds(self.kinds, f"{key}.kinds"))
-        preferred = self.preferred if self.preferred else self.kinds
-        object.__setattr__(self, "preferred", _kinds(preferred, f"{key}.preferred"))
-        if not self.kinds:
-            raise ConfigError("a model must serve at least one kind", key=f"{key}.kinds")
-        if not self.preferred <= self.kinds:
-            extra = sorted(k.value for k in self.preferred - self.kinds)
-            raise ConfigError(f"preferred kinds {extra} are not served", key=f"{key}.preferred")
-        if isinstance(self.path, os.PathLike):
-            object.__setattr__(self, "path", os.fspath(self.path))
-        for attr, low in (("quality", 0), ("replicas", 1), ("n_ctx", 16), ("n_threads", 1)):
-            v = getattr(self, attr)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"must be an integer >= {low}, got {v!r}", key=f"{key}.{attr}")
-        if not isinstance(self.n_gpu_layers, int) or self.n_gpu_layers < -1:
-            raise ConfigError("must be an integer >= -1", key=f"{key}.n_gpu_layers")
-        if self.device is not None and (not isinstance(self.device, int) or self.device < 0):
-            raise ConfigError("must be a GPU index >= 0 or absent", key=f"{key}.device")
+        if not _is_name(self.name):
+            raise ConfigError(
+                f"must be a non-empty printable string of at most {MAX_NAME_LENGTH} characters, "
+                f"got {_shown_str(self.name)}",
+                key="name",
+            )
+        path: object = self.path
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if path is not None and (not isinstance(path, str) or not path or "\0" in path):
+            raise ConfigError(
+                f"must be a non-empty file path without NUL characters, or absent; "
+                f"got {_shown_str(path)}",
+                key="path",
+            )
+        object.__setattr__(self, "path", path)
+        kinds = parse_kinds(self.kinds, "kinds")
+        if not kinds:
+            raise ConfigError("a model must serve at least one kind", key="kinds")
+        preferred = parse_kinds(self.preferred, "preferred") or kinds
+        if not preferred <= kinds:
+            extra = sorted(k.value for k in preferred - kinds)
+            raise ConfigError(f"preferred kinds {extra} are not served", key="preferred")
+        object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "preferred", preferred)
+        for attr, (low, high) in MODEL_INT_RANGES.items():
+            value = getattr(self, attr)
+            if not (attr == "device" and value is None):
+                object.__setattr__(self, attr, check_int(value, attr, low, high))
+        if not _is_name(self.backend):
+            raise ConfigError(
+                f"must be a backend name, got {_shown_str(self.backend)}", key="backend"
+            )
+        options: object = self.options
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise ConfigError(
+                f"must be a table of named options, got {type_name(options)}", key="options"
+            )
+        if not isinstance(options, dict):
+            object.__setattr__(self, "options", dict(options))
         if not isinstance(self.optional, bool):
             raise ConfigError(
-                f"must be true or false, got {self.optional!r}", key=f"{key}.optional"
+                f"must be true or false, got {type_name(self.optional)}", key="optional"
             )
 
     @property
     def file(self) -> Path | None:
         """The model file as a path, if any."""
         return Path(self.path) if self.path else None
+
+
+def _shown_str(value: object) -> str:
+    """A bad value of a string field: a string as itself, anything else by its type."""
+    return shown(value) if isinstance(value, str) else type_name(value)
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_LENGTH and value.isprintable()
+
+
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """The scoring kernel's parameters: exactly the values a calibrator may change.
+
+    Args:
+        tau: time constant (seconds) of the peak-EWMA latency estimates; a slower sample replaces
+            an estimate at once, faster ones decay it with this time constant. ``> 0``.
+        contention_weight: weight of device utilisation in the expected slowdown. ``>= 0``.
+        spill_penalty: seconds added for serving a kind the model does not prefer. ``>= 0``.
+        quality_penalty: seconds added per quality rank below the best. ``>= 0``.
+
+    Every field is a finite number no larger than :data:`MAX_SCORING_VALUE`.
+    """
+
+    tau: float = 5.0
+    contention_weight: float = 1.0
+    spill_penalty: float = 1.0
+    quality_penalty: float = 0.25
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = check_number(
+                getattr(self, f.name), f.name, 0.0, MAX_SCORING_VALUE, low_open=f.name == "tau"
+            )
+            object.__setattr__(self, f.name, value)
+
+    def replace(self, changes: Mapping[str, object]) -> Scoring:
+        """A copy with some fields changed (validated).
+
+        Raises:
+            ConfigError: an unknown field, or a value out of range.
+        """
+        for key in changes:
+            if key not in SCORING_FIELDS:
+                raise ConfigError(f"unknown parameter; tunable: {list(SCORING_FIELDS)}", key=key)
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SCORING_FIELDS}
+
+
+#: The largest value a scoring parameter may take (seconds or a weight): far above any sensible
+#: setting, and small enough that costs computed from it stay finite.
+MAX_SCORING_VALUE = 1e6
+
+#: The tunable parameters, in order: the fields of :class:`Scoring`.
+SCORING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Scoring))
+
+
+def _finite_at_most(value: int | float, high: float) -> bool:
+    """``value`` is finite and ``<= high``, without overflowing on a huge int."""
+    try:
+        return math.isfinite(value) and value <= high
+    except OverflowError:
+        return False

@@ -5,10 +5,19 @@ from __future__ import annotations
 import importlib
 
 from .._exceptions import ConfigError
-from ._base import Backend, BackendFactory, Completion, CompletionParams, Embedding, TokenCallback
+from ._base import (
+    Backend,
+    BackendFactory,
+    Completion,
+    CompletionParams,
+    Embedding,
+    EmbedParams,
+    TokenCallback,
+)
 
 __all__ = [
-    "Backend", "BackendFactory", "Completion", "CompletionParams", "Embedding", "TokenCallback",
+    "Backend", "BackendFactory", "Completion", "CompletionParams", "EmbedParams", "Embedding",
+    "TokenCallback",
     "get_backend", "BACKENDS",
 ]  # fmt: skip
 

@@ -29,6 +29,13 @@ class CompletionParams:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedParams:
+    """What an embedding request asks of a backend: one vector per text."""
+
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """A finished (or stopped) completion.
 
@@ -67,10 +74,6 @@ class Backend(Protocol):
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         """Return one pooled embedding per text."""
-        ...
-
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` encodes to (for the kernel's per-token estimate)."""
         ...
 
     def close(self) -> None:

@@ -280,10 +280,6 @@ class SimulatedBackend:
             service_s=time.perf_counter() - start,
         )
 
-    def count_tokens(self, text: str) -> int:
-        """About four characters per token, at least one."""
-        return _count_tokens(text)
-
     def close(self) -> None:
         """Mark the context closed; later calls raise."""
         self._closed = True

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import bisect
 import enum
-import logging
 import threading
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .._types import Kind
-from ._logging import get_logger
-
-#: One summary line per finished request goes to this logger (``request_finished`` events).
-REQUEST_LOGGER = "zeta.requests"
-_log = get_logger(REQUEST_LOGGER)
-_stdlib_log = logging.getLogger(REQUEST_LOGGER)
 
 #: Latency bucket upper bounds in seconds (Prometheus ``le``), spanning 1 ms to 2 min.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -121,8 +114,8 @@ NO_MODEL = "none"
 OTHER_KIND = "other"
 _KIND_LABELS = frozenset(k.value for k in Kind)
 
-#: Outcomes that mean zeta or a backend failed, logged at warning level.
-_FAILURES = frozenset({Outcome.ERROR, Outcome.ACTOR_DEAD, Outcome.UNAVAILABLE})
+#: Outcomes that mean zeta or a backend failed (the request log writes them at warning level).
+FAILURES = frozenset({Outcome.ERROR, Outcome.ACTOR_DEAD, Outcome.UNAVAILABLE})
 
 
 def kind_label(kind: object) -> str:
@@ -134,14 +127,11 @@ def kind_label(kind: object) -> str:
 class Recorder:
     """Counts requests, latencies, spills, restarts, rejections and calibration runs.
 
-    Args:
-        log_requests: also emit the per-request ``request_finished`` summary line, on the
-            ``zeta.requests`` logger (info level; warning for failures), for runtimes that do not
-            log their own. The check is one cached ``isEnabledFor`` call when logging is off.
+    It only counts: the scheduler's ledger decides what a request's outcome is and writes its
+    one ``request_finished`` log line.
     """
 
-    def __init__(self, *, log_requests: bool = False) -> None:
-        self._log_requests = log_requests
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: Counter[tuple[str, str, str]] = Counter()
         self._queue_wait: dict[tuple[str, str], Histogram] = {}
@@ -162,10 +152,8 @@ class Recorder:
         queue_wait_s: float | None = None,
         service_s: float | None = None,
         total_s: float | None = None,
-        request_id: int | str | None = None,
-        spilled_from: str | None = None,
     ) -> None:
-        """Record one finished request (exactly once per request) and log its summary line.
+        """Record one finished request (exactly once per request).
 
         Args:
             model: the model that served (or last held) it; ``None`` if it never reached one.
@@ -173,9 +161,6 @@ class Recorder:
                 ``"other"``.
             outcome: how it ended.
             queue_wait_s, service_s, total_s: time queued, inside the backend, and end to end.
-            request_id: the scheduler's id for the request, for the log line only.
-            spilled_from: the preferred model it was spilled away from, for the log line only
-                (spills are counted by :meth:`spilled`).
         """
         key = (model or NO_MODEL, kind_label(kind))
         with self._lock:
@@ -190,20 +175,6 @@ class Recorder:
                     if h is None:
                         h = hists[key] = Histogram()
                     h.observe(value)
-        level = logging.WARNING if outcome in _FAILURES else logging.INFO
-        if self._log_requests and _stdlib_log.isEnabledFor(level):
-            _log.log(
-                level,
-                "request_finished",
-                request_id=request_id,
-                model=key[0],
-                kind=key[1],
-                outcome=outcome.value,
-                queue_wait_s=queue_wait_s,
-                service_s=service_s,
-                total_s=total_s,
-                spilled_from=spilled_from,
-            )
 
     def spilled(self, from_model: str, to_model: str) -> None:
         """A request whose preferred model was ``from_model`` was sent to ``to_model``."""

@@ -11,16 +11,16 @@ models, so tests, the demo and benchmarks run without downloading anything::
 
 from __future__ import annotations
 
-from ._ladder import LADDER as LADDER
-from ._ladder import LADDER_VERSION as LADDER_VERSION
-from ._ladder import ROLES as ROLES
-from ._ladder import LadderModel as LadderModel
-from ._ladder import cache_dir as cache_dir
-from ._ladder import ladder_spec as ladder_spec
-from ._ladder import make_ladder as make_ladder
-from ._ladder import make_model as make_model
-from ._ladder import model_path as model_path
-from ._ladder import write_model as write_model
+from .._ladder import LADDER as LADDER
+from .._ladder import LADDER_VERSION as LADDER_VERSION
+from .._ladder import ROLES as ROLES
+from .._ladder import LadderModel as LadderModel
+from .._ladder import cache_dir as cache_dir
+from .._ladder import ladder_spec as ladder_spec
+from .._ladder import make_ladder as make_ladder
+from .._ladder import make_model as make_model
+from .._ladder import model_path as model_path
+from .._ladder import write_model as write_model
 from ._replay import LatencyStats as LatencyStats
 from ._replay import ReplayResult as ReplayResult
 from ._replay import ReplaySummary as ReplaySummary

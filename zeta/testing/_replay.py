@@ -3,8 +3,8 @@
 :func:`replay` submits every :class:`~zeta.testing._workloads.Arrival` at its scheduled time
 (open loop: a slow policy cannot slow the arrivals down and hide its own queueing), each as its
 own task, and keeps one :class:`RequestRecord` per arrival. :func:`summarize` turns the records
-into latency quantiles per kind, throughput, the spilled share and error counts. Comparing
-policies is then a loop over fresh schedulers with the same seeded workload::
+into latency quantiles per kind, throughput, the spilled share, per-model counts and error
+counts. Comparing policies is then a loop over fresh schedulers with the same seeded workload::
 
     arrivals = bursty(20.0, rate=8.0, seed=1)
     for policy in ("static", "dynamic"):
@@ -14,21 +14,23 @@ policies is then a loop over fresh schedulers with the same seeded workload::
 
 Latency runs from a request's *scheduled* arrival to its answer, in wall-clock seconds of the
 event loop's clock, so event-loop lag in submitting counts against the system under test.
+
+An arrival becomes one ``complete`` or ``embed`` call (:func:`submit_arrival`). A workload whose
+arrivals carry more (a subclass of :class:`~zeta.testing._workloads.Arrival` with a difficulty,
+or several texts to embed) passes its own ``submit`` to :func:`replay` and :func:`warm_up`.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from .._exceptions import (
-    ZetaError,
-)
+from .._exceptions import ZetaError
 from .._types import SERVED_KINDS, Kind, Priority
 from ..telemetry._recorder import Outcome, outcome_of
 from ._workloads import Arrival
@@ -39,12 +41,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LatencyStats",
+    "ModelStats",
     "ReplayResult",
     "ReplaySummary",
     "RequestRecord",
+    "Submit",
     "outcome_of",
     "quantile",
     "replay",
+    "submit_arrival",
     "summarize",
     "warm_up",
 ]
@@ -110,26 +115,32 @@ class _Unset:
 UNSET: Any = _Unset()
 
 
-async def _submit(
-    scheduler: Scheduler,
-    arrival: Arrival,
-    deadline: float | None,
-    admission_timeout: float | _Unset | None,
+class Submit(Protocol):
+    """Sends one arrival to a scheduler and returns the result.
+
+    ``options`` are the request options the replay sets (``deadline``, and ``admission_timeout``
+    unless the scheduler's own default applies), to pass on to
+    :meth:`~zeta.Scheduler.complete` or :meth:`~zeta.Scheduler.embed`.
+    """
+
+    def __call__(
+        self, scheduler: Scheduler, arrival: Arrival, /, **options: Any
+    ) -> Awaitable[CompletionResult | EmbeddingResult]: ...
+
+
+async def submit_arrival(
+    scheduler: Scheduler, arrival: Arrival, /, **options: Any
 ) -> CompletionResult | EmbeddingResult:
-    extra: dict[str, Any] = {}
-    if not isinstance(admission_timeout, _Unset):
-        extra["admission_timeout"] = admission_timeout
+    """The default :class:`Submit`: ``embed`` the prompt, or ``complete`` it with the arrival's
+    kind, ``max_tokens`` and priority."""
     if arrival.kind is Kind.EMBED:
-        return await scheduler.embed(
-            arrival.prompt, priority=arrival.priority, deadline=deadline, **extra
-        )
+        return await scheduler.embed(arrival.prompt, priority=arrival.priority, **options)
     return await scheduler.complete(
         arrival.prompt,
         kind=arrival.kind,
         max_tokens=arrival.max_tokens,
         priority=arrival.priority,
-        deadline=deadline,
-        **extra,
+        **options,
     )
 
 
@@ -142,6 +153,7 @@ async def replay(
     admission_timeout: float | None = UNSET,
     timeout_s: float | None = None,
     on_record: Callable[[RequestRecord], object] | None = None,
+    submit: Submit = submit_arrival,
 ) -> ReplayResult:
     """Submit every arrival at ``start + at * time_scale``, concurrently, and record how each ended.
 
@@ -159,6 +171,7 @@ async def replay(
         timeout_s: give up this long after the start; requests still running are cancelled and
             recorded as ``cancelled``. ``None`` waits for every request.
         on_record: called with each record as its request ends (e.g. a live progress display).
+        submit: sends one arrival (default :func:`submit_arrival`).
 
     Raises:
         ValueError: ``time_scale`` is not a finite number > 0.
@@ -166,6 +179,9 @@ async def replay(
     if not (isinstance(time_scale, (int, float)) and 0.0 < time_scale < math.inf):
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     preferred = {spec.name: spec.preferred for spec in scheduler.models}
+    options: dict[str, Any] = {}
+    if not isinstance(admission_timeout, _Unset):
+        options["admission_timeout"] = admission_timeout
     order = sorted(range(len(arrivals)), key=lambda i: arrivals[i].at)
     records: list[RequestRecord | None] = [None] * len(arrivals)
     start = anyio.current_time()
@@ -175,7 +191,7 @@ async def replay(
         nonlocal finished
         deadline = None if deadline_s is None else scheduler.clock() + deadline_s
         try:
-            result = await _submit(scheduler, arrival, deadline, admission_timeout)
+            result = await submit(scheduler, arrival, deadline=deadline, **options)
         except ZetaError as exc:
             now = anyio.current_time()
             record = RequestRecord(
@@ -225,18 +241,21 @@ async def replay(
     return ReplayResult(out, finished - start, float(time_scale))
 
 
-async def warm_up(scheduler: Scheduler, arrivals: Sequence[Arrival]) -> None:
+async def warm_up(
+    scheduler: Scheduler, arrivals: Sequence[Arrival], *, submit: Submit = submit_arrival
+) -> None:
     """Run the first arrival of each kind once, one after another, without recording anything.
 
     Primes what a fresh scheduler lacks (service-time estimates, page-cache, thread start-up) so
-    a replay measures steady behaviour. Typed errors are ignored.
+    a replay measures steady behaviour. Each request waits for mailbox room; typed errors are
+    ignored. ``submit`` sends one arrival, as in :func:`replay`.
     """
     first: dict[Kind, Arrival] = {}
     for arrival in arrivals:
         first.setdefault(arrival.kind, arrival)
     for arrival in first.values():
         try:
-            await _submit(scheduler, arrival, None, None)
+            await submit(scheduler, arrival, deadline=None, admission_timeout=None)
         except ZetaError:
             pass
 
@@ -283,13 +302,24 @@ class LatencyStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelStats:
+    """What one model served in a replay: successful requests, the tokens they generated, and
+    how many of them were spilled to it (of a kind it does not prefer)."""
+
+    requests: int
+    tokens: int
+    spilled: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReplaySummary:
     """What one replay amounted to.
 
     ``throughput_rps`` counts successful requests per wall second of the replay;
     ``spilled_share`` is the share of successful requests served by a model that does not prefer
     their kind; ``outcomes`` counts every outcome (``ok`` included), ``errors`` the typed errors by
-    class name; ``models`` the successful requests each model served.
+    class name; ``models`` the successful requests each model served, and ``by_model`` those
+    with their tokens and spills.
     """
 
     requests: int
@@ -303,6 +333,7 @@ class ReplaySummary:
     outcomes: Mapping[str, int] = field(default_factory=dict)
     errors: Mapping[str, int] = field(default_factory=dict)
     models: Mapping[str, int] = field(default_factory=dict)
+    by_model: Mapping[str, ModelStats] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -311,7 +342,7 @@ class ReplaySummary:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy: NaN (no successful request in a group) becomes ``None``."""
-        return _json_safe(
+        out: dict[str, Any] = _json_safe(
             {
                 "requests": self.requests,
                 "ok": self.ok,
@@ -324,8 +355,13 @@ class ReplaySummary:
                 "outcomes": dict(self.outcomes),
                 "errors": dict(self.errors),
                 "models": dict(self.models),
+                "by_model": {
+                    name: {"requests": m.requests, "tokens": m.tokens, "spilled": m.spilled}
+                    for name, m in self.by_model.items()
+                },
             }
         )
+        return out
 
 
 def _stats_dict(s: LatencyStats) -> dict[str, float | int]:
@@ -365,6 +401,14 @@ def summarize(records: Sequence[RequestRecord], elapsed_s: float) -> ReplaySumma
     by_kind = {
         kind.value: LatencyStats.of([r for r in records if r.kind is kind]) for kind in SERVED_KINDS
     }
+    served: dict[str, list[RequestRecord]] = {}
+    for r in ok:
+        if r.model is not None:
+            served.setdefault(r.model, []).append(r)
+    by_model = {
+        name: ModelStats(len(rs), sum(r.tokens for r in rs), sum(r.spilled for r in rs))
+        for name, rs in served.items()
+    }
     return ReplaySummary(
         requests=len(records),
         ok=len(ok),
@@ -376,5 +420,6 @@ def summarize(records: Sequence[RequestRecord], elapsed_s: float) -> ReplaySumma
         by_kind=by_kind,
         outcomes=dict(Counter(r.outcome.value for r in records)),
         errors=dict(Counter(r.error for r in records if r.error is not None)),
-        models=dict(Counter(r.model for r in ok if r.model is not None)),
+        models={name: m.requests for name, m in by_model.items()},
+        by_model=by_model,
     )

@@ -181,9 +181,6 @@ class _FaultyBackend:
         self._check()
         return self._inner.embed(texts)
 
-    def count_tokens(self, text: str) -> int:
-        return self._inner.count_tokens(text)
-
     def close(self) -> None:
         self._inner.close()
 

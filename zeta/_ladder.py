@@ -30,8 +30,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .._exceptions import ConfigError
-from .._types import Kind, ModelSpec
+from ._exceptions import ConfigError
+from ._types import Kind, ModelSpec
 
 __all__ = [
     "LADDER",

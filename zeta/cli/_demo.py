@@ -4,11 +4,12 @@ The demo generates (or finds cached) the model ladder's embedder, coder and reas
 how fast this machine runs them, and derives one seeded, open-loop workload from that: a steady
 mix of chat, code, embedding and reasoning requests, plus surges that queue several seconds of
 work on one model: alternately a burst of code requests on the coder and a burst of planning
-requests on the reasoner. The same workload is then played against a fresh
-:class:`~zeta.Scheduler` per policy, in rounds that alternate the order (A B, B A) so that a
-change in the machine's background load does not favour one policy. Under ``static`` each kind
-waits for its own model however long its queue; under ``dynamic`` the scoring kernel moves work
-to the other model while that is expected to finish sooner. The report gives p50/p95/p99 latency per kind,
+requests on the reasoner. The same workload is then replayed (:func:`zeta.testing.replay`)
+against a fresh :class:`~zeta.Scheduler` per policy, in rounds that alternate the order (A B,
+B A) so that a change in the machine's background load does not favour one policy. Under
+``static`` each kind waits for its own model however long its queue; under ``dynamic`` the
+scoring kernel moves work to the other model while that is expected to finish sooner. The report
+(:func:`zeta.testing.summarize` of every round together) gives p50/p95/p99 latency per kind,
 throughput and the share of requests served by a model that does not prefer their kind.
 
 Arrival times are fixed in advance (open loop), so a slow policy cannot slow the arrivals down
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -31,22 +33,29 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._exceptions import TryAgainError, ZetaError
-from ._snapshot import SchedulerSnapshot
-from ._types import Kind, ModelSpec
-from .backends import CompletionParams, get_backend
-from .telemetry._recorder import Recorder
-from .testing import _ladder
+from .. import _ladder
+from .._snapshot import SchedulerSnapshot
+from .._types import SERVED_KINDS, Kind, ModelSpec, Scoring
+from ..backends import CompletionParams, get_backend
+from ..telemetry._recorder import Outcome, Recorder
+from ..testing._replay import (
+    ReplayResult,
+    ReplaySummary,
+    RequestRecord,
+    replay,
+    submit_arrival,
+    summarize,
+    warm_up,
+)
+from ..testing._workloads import Arrival
 
 if TYPE_CHECKING:
-    from ._scheduler import Scheduler
+    from .._request import CompletionResult, EmbeddingResult
+    from .._scheduler import Scheduler
 
 __all__ = [
-    "DemoMetrics", "DemoOptions", "Job", "Outcome", "build_workload", "run_demo", "summarize",
+    "DemoArrival", "DemoMetrics", "DemoOptions", "build_workload", "policy_report", "run_demo",
 ]  # fmt: skip
-
-#: Kinds in report order.
-KINDS: tuple[Kind, ...] = (Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON)
 
 # Workload shape, in shares of one model's time (utilisation) and tokens per request. Steady
 # traffic keeps the coder 20% and the reasoner 15% busy. Every SURGE_PERIOD_S a surge
@@ -62,9 +71,6 @@ EMBED_RATE_PER_S = 1.5
 CODE_SURGE_S, REASON_SURGE_S = 2.5, 3.0
 SURGE_PERIOD_S = 6.0
 SURGE_SPREAD_S = 0.4
-#: Scheduler settings of the demo: the library's defaults, so the demo shows what users get.
-#: (``--set KEY=NUMBER`` overrides a kernel parameter for every policy.)
-DEMO_SCHEDULER_OPTIONS: dict[str, Any] = {}
 
 # Caps that only bind on very fast models (the tiny test rungs), keeping a run light there.
 MAX_RATE_PER_S, MAX_SURGE = 20.0, 40
@@ -74,6 +80,13 @@ _WORDS = (
     "because therefore first then answer question reason think step result self config "
     "token prompt output input index count format split sort filter reduce sum max min"
 ).split()
+
+#: Outcomes the report counts as "rejected" (a :class:`~zeta.TryAgainError`: try again later);
+#: ``cancelled`` (still running when the round's time ran out) counts as "unfinished", the rest
+#: as errors.
+_REJECTED = frozenset(
+    {Outcome.OVERLOADED, Outcome.DEADLINE, Outcome.ACTOR_DEAD, Outcome.UNAVAILABLE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +105,8 @@ class DemoOptions:
         rounds: rounds to split the time into; the policies run in turn each round, in
             alternating order (A B, B A, ...), each round on a fresh workload and schedulers.
         print_report: print the tables at the end.
-        scheduler_options: keyword arguments for every :class:`~zeta.Scheduler` (kernel
-            parameters such as ``spill_penalty``), the same for all policies.
+        scoring: the scoring kernel's parameters for every :class:`~zeta.Scheduler`, the same
+            for all policies (default the library's, so the demo shows what users get).
     """
 
     duration_s: float = 40.0
@@ -105,34 +118,36 @@ class DemoOptions:
     n_threads: int = 1
     rounds: int = 2
     print_report: bool = True
-    scheduler_options: Mapping[str, Any] = field(
-        default_factory=lambda: dict(DEMO_SCHEDULER_OPTIONS)
-    )
+    scoring: Scoring = field(default_factory=Scoring)
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
-    """One request of the workload: when it arrives (seconds from the start) and what it asks."""
+class DemoArrival(Arrival):
+    """An arrival of the demo's workload: an :class:`Arrival` that may carry a batch of texts to
+    embed (then ``prompt`` is empty) or a completion's difficulty, and whether it is part of a
+    surge."""
 
-    at: float
-    kind: Kind
-    prompt: str = ""
     texts: tuple[str, ...] = ()
-    max_tokens: int = 0
-    surge: bool = False
     difficulty: float | None = None
+    surge: bool = False
 
 
-@dataclass(slots=True)
-class Outcome:
-    """How one job ended under one policy."""
-
-    job: Job
-    status: str  # "ok", "rejected" (try again later), "error" or "unfinished"
-    latency_s: float = math.nan
-    model: str | None = None
-    tokens: int = 0
-    spilled: bool = False
+async def _submit(
+    scheduler: Scheduler, arrival: Arrival, /, **options: Any
+) -> CompletionResult | EmbeddingResult:
+    """Sends a :class:`DemoArrival` with its texts or difficulty (the replay's ``submit``)."""
+    if not isinstance(arrival, DemoArrival):
+        return await submit_arrival(scheduler, arrival, **options)
+    if arrival.kind is Kind.EMBED:
+        return await scheduler.embed(list(arrival.texts), priority=arrival.priority, **options)
+    return await scheduler.complete(
+        arrival.prompt,
+        kind=arrival.kind,
+        max_tokens=arrival.max_tokens,
+        priority=arrival.priority,
+        difficulty=arrival.difficulty,
+        **options,
+    )
 
 
 class DemoMetrics:
@@ -165,7 +180,16 @@ class _Live:
     started: float = 0.0
     duration_s: float = 0.0
     done: Counter[str] = field(default_factory=Counter)
-    snapshot: Any = None
+    snapshot: SchedulerSnapshot | None = None
+
+
+def _status(outcome: Outcome) -> str:
+    """The report's word for an outcome: ``ok``, ``rejected``, ``unfinished`` or ``error``."""
+    if outcome is Outcome.OK:
+        return "ok"
+    if outcome in _REJECTED:
+        return "rejected"
+    return "unfinished" if outcome is Outcome.CANCELLED else "error"
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +217,6 @@ def measure_token_times(specs: Sequence[ModelSpec], tokens: int = 32) -> dict[st
     The models run side by side during the demo, sharing cores and memory bandwidth, so they are
     timed side by side too: each in its own thread, best of three completions.
     """
-    import threading
-
     backends = [
         get_backend(s.backend)(ModelSpec(s.name, path=s.path, n_ctx=256, n_threads=s.n_threads), 0)
         for s in specs
@@ -230,23 +252,23 @@ def _text(rng: random.Random, n_words: int, lead: str = "") -> str:
 
 def build_workload(
     duration_s: float, coder_token_s: float, reasoner_token_s: float, seed: int
-) -> list[Job]:
-    """The open-loop job list for one run, sized to this machine's measured token times.
+) -> list[DemoArrival]:
+    """The open-loop arrivals of one run, sized to this machine's measured token times.
 
     Steady Poisson arrivals per kind at the utilisations above, plus a surge every
     :data:`SURGE_PERIOD_S` from 15% to 80% of the run, alternately code (worth
     :data:`CODE_SURGE_S` of coder time) and reasoning (:data:`REASON_SURGE_S` of reasoner
-    time). Deterministic for its arguments.
+    time). Sorted by time; deterministic for its arguments.
     """
     rng = random.Random(seed)
-    jobs: list[Job] = []
+    arrivals: list[DemoArrival] = []
     system = "You are a coding agent. Use the tools. "
 
-    def poisson(rate: float, make: Callable[[float], Job]) -> None:
+    def poisson(rate: float, make: Callable[[float], DemoArrival]) -> None:
         rate = min(rate, MAX_RATE_PER_S)
         t = rng.expovariate(rate) if rate > 0 else math.inf
         while t < duration_s:
-            jobs.append(make(t))
+            arrivals.append(make(t))
             t += rng.expovariate(rate)
 
     simple_rate = CODER_SIMPLE_UTIL / (SIMPLE_TOKENS * coder_token_s)
@@ -254,25 +276,27 @@ def build_workload(
     reason_rate = REASONER_UTIL / (REASON_TOKENS * reasoner_token_s)
     poisson(
         simple_rate,
-        lambda t: Job(t, Kind.SIMPLE, _text(rng, 8, "hi, "), max_tokens=SIMPLE_TOKENS),
+        lambda t: DemoArrival(t, Kind.SIMPLE, _text(rng, 8, "hi, "), SIMPLE_TOKENS),
     )
     poisson(
         code_rate,
-        lambda t: Job(t, Kind.CODE, _text(rng, 24, system + "def "), max_tokens=CODE_TOKENS),
+        lambda t: DemoArrival(t, Kind.CODE, _text(rng, 24, system + "def "), CODE_TOKENS),
     )
     poisson(
         reason_rate,
-        lambda t: Job(
+        lambda t: DemoArrival(
             t,
             Kind.REASON,
             _text(rng, 24, "think step by step: "),
-            max_tokens=REASON_TOKENS,
+            REASON_TOKENS,
             difficulty=rng.uniform(0.3, 0.9),
         ),
     )
     poisson(
         EMBED_RATE_PER_S,
-        lambda t: Job(t, Kind.EMBED, texts=tuple(_text(rng, 12) for _ in range(EMBED_TEXTS))),
+        lambda t: DemoArrival(
+            t, Kind.EMBED, "", 0, texts=tuple(_text(rng, 12) for _ in range(EMBED_TEXTS))
+        ),
     )
     surges = (
         (Kind.CODE, CODE_SURGE_S / (CODE_TOKENS * coder_token_s), "fix this: def ", CODE_TOKENS),
@@ -286,11 +310,13 @@ def build_workload(
             # Planning steps in a burst are short hops: easier than standalone reasoning.
             difficulty = rng.uniform(0.1, 0.5) if kind is Kind.REASON else None
             prompt = _text(rng, 24, system + lead)
-            jobs.append(Job(at, kind, prompt, max_tokens=tokens, surge=True, difficulty=difficulty))
+            arrivals.append(
+                DemoArrival(at, kind, prompt, tokens, surge=True, difficulty=difficulty)
+            )
         start += SURGE_PERIOD_S
         n += 1
-    jobs.sort(key=lambda j: j.at)
-    return jobs
+    arrivals.sort(key=lambda a: a.at)
+    return arrivals
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,134 +326,94 @@ def build_workload(
 async def _run_policy(
     policy: str,
     specs: Sequence[ModelSpec],
-    jobs: Sequence[Job],
+    arrivals: Sequence[DemoArrival],
     duration_s: float,
     live: _Live,
     grace_s: float,
-    scheduler_options: Mapping[str, Any],
+    scoring: Scoring,
     metrics: DemoMetrics | None = None,
-) -> tuple[list[Outcome], dict[str, dict[str, float]], float]:
-    from ._scheduler import Scheduler
-
-    preferred = {s.name: s.preferred for s in specs}
-    outcomes: list[Outcome] = [Outcome(job, "unfinished") for job in jobs]
+) -> tuple[ReplayResult, dict[str, float]]:
+    """Replay ``arrivals`` on a fresh scheduler; also return each model's busy seconds."""
+    from .._scheduler import Scheduler
 
     # Requests wait for mailbox room rather than being refused: the comparison is in latency.
-    options = {"admission_timeout": None, **scheduler_options}
-    if metrics is not None:
-        options["recorder"] = metrics.recorder
-    async with Scheduler(models=list(specs), policy=policy, **options) as zs:
+    async with Scheduler(
+        list(specs),
+        policy=policy,
+        scoring=scoring,
+        admission_timeout=None,
+        recorder=None if metrics is None else metrics.recorder,
+    ) as zs:
         if metrics is not None:
             metrics.scheduler = zs
-        # Warm up each model (page in the weights, prime the estimates); not measured.
-        for kind, job in _one_per_kind(jobs).items():
-            await _submit(zs, job)
-            del kind
-        busy0 = {m.name: m.busy_s for m in zs.snapshot().models}
-        live.duration_s, live.done = duration_s, Counter()
-        t0 = time.monotonic()
-        live.started = t0
+        try:
+            # Page in the weights and prime the estimates; not measured.
+            await warm_up(zs, arrivals, submit=_submit)
+            busy0 = {m.name: m.busy_s for m in zs.snapshot().models}
+            live.duration_s, live.done = duration_s, Counter()
+            live.started = time.monotonic()
 
-        async def one(i: int, job: Job) -> None:
-            await anyio.sleep_until(t0 + job.at)
-            out = outcomes[i]
-            try:
-                result = await _submit(zs, job)
-            except TryAgainError:
-                out.status = "rejected"
-            except ZetaError:
-                out.status = "error"
-            else:
-                out.status = "ok"
-                out.latency_s = time.monotonic() - (t0 + job.at)
-                out.model = result.model
-                out.tokens = getattr(result, "completion_tokens", 0)
-                out.spilled = job.kind not in preferred.get(result.model, frozenset())
-            live.done[out.status] += 1
+            async def watch() -> None:
+                while True:
+                    live.snapshot = zs.snapshot()
+                    await anyio.sleep(0.2)
 
-        async def watch() -> None:
-            while True:
-                live.snapshot = zs.snapshot()
-                await anyio.sleep(0.2)
+            def count(record: RequestRecord) -> None:
+                live.done[_status(record.outcome)] += 1
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            with anyio.move_on_after(duration_s + grace_s):
-                async with anyio.create_task_group() as jobs_tg:
-                    for i, job in enumerate(jobs):
-                        jobs_tg.start_soon(one, i, job)
-            tg.cancel_scope.cancel()
-        elapsed = time.monotonic() - t0
-        snap = zs.snapshot()
-    if metrics is not None:
-        metrics.scheduler = None
-    per_model: dict[str, dict[str, float]] = defaultdict(dict)
-    for m in snap.models:
-        busy = m.busy_s - busy0.get(m.name, 0.0)
-        per_model[m.name]["busy_share"] = busy / elapsed if elapsed > 0 else 0.0
-        per_model[m.name]["restarts"] = float(m.restarts)
-    return outcomes, dict(per_model), elapsed
-
-
-def _one_per_kind(jobs: Sequence[Job]) -> dict[Kind, Job]:
-    first: dict[Kind, Job] = {}
-    for job in jobs:
-        first.setdefault(job.kind, job)
-    return first
-
-
-async def _submit(zs: Any, job: Job) -> Any:
-    if job.kind is Kind.EMBED:
-        return await zs.embed(list(job.texts))
-    return await zs.complete(
-        job.prompt, kind=job.kind, max_tokens=job.max_tokens, difficulty=job.difficulty
-    )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                result = await replay(
+                    zs,
+                    arrivals,
+                    timeout_s=duration_s + grace_s,
+                    on_record=count,
+                    submit=_submit,
+                )
+                tg.cancel_scope.cancel()
+            busy = {m.name: m.busy_s - busy0.get(m.name, 0.0) for m in zs.snapshot().models}
+        finally:
+            if metrics is not None:
+                metrics.scheduler = None
+    return result, busy
 
 
 # --------------------------------------------------------------------------------------------
 # Summaries.
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank quantile; NaN for no values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[rank - 1]
+def policy_report(summary: ReplaySummary, busy_s: Mapping[str, float]) -> dict[str, Any]:
+    """One policy's part of the report (JSON-ready): ``summary`` of its rounds together, and
+    ``busy_s``, each model's seconds of work in them.
 
-
-def summarize(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
-    """Per-kind latency quantiles, throughput, spilled share and failure counts of one run."""
-    kinds: dict[str, Any] = {}
-    for kind in KINDS:
-        mine = [o for o in outcomes if o.job.kind is kind]
-        lat = sorted(o.latency_s for o in mine if o.status == "ok")
-        kinds[kind.value] = {
-            "requests": len(mine),
-            "ok": len(lat),
-            "p50_s": _quantile(lat, 0.50),
-            "p95_s": _quantile(lat, 0.95),
-            "p99_s": _quantile(lat, 0.99),
-        }
-    ok = [o for o in outcomes if o.status == "ok"]
-    statuses = Counter(o.status for o in outcomes)
-    models: dict[str, Any] = defaultdict(lambda: {"requests": 0, "tokens": 0, "spilled_in": 0})
-    for o in ok:
-        assert o.model is not None
-        entry = models[o.model]
-        entry["requests"] += 1
-        entry["tokens"] += o.tokens
-        entry["spilled_in"] += int(o.spilled)
+    Per kind the request count and p50/p95/p99 latency (``None`` where none succeeded);
+    throughput; spilled share; rejected (try again later), failed and unfinished requests; per
+    model the requests, tokens and spilled-in requests it served and its busy share.
+    """
+    d = summary.to_dict()
+    statuses: Counter[str] = Counter()
+    for outcome, n in summary.outcomes.items():
+        statuses[_status(Outcome(outcome))] += n
+    elapsed = summary.elapsed_s
     return {
-        "elapsed_s": elapsed_s,
-        "kinds": kinds,
-        "throughput_rps": len(ok) / elapsed_s if elapsed_s > 0 else 0.0,
-        "throughput_tokens_per_s": sum(o.tokens for o in ok) / elapsed_s if elapsed_s else 0.0,
-        "spilled_share": sum(o.spilled for o in ok) / len(ok) if ok else 0.0,
+        "elapsed_s": d["elapsed_s"],
+        "kinds": {
+            kind: {key: stats[key] for key in ("requests", "ok", "p50_s", "p95_s", "p99_s")}
+            for kind, stats in d["by_kind"].items()
+        },
+        "throughput_rps": d["throughput_rps"],
+        "throughput_tokens_per_s": d["tokens_per_s"],
+        "spilled_share": d["spilled_share"],
         "rejected": statuses["rejected"],
         "errors": statuses["error"],
         "unfinished": statuses["unfinished"],
-        "models": dict(models),
+        "models": {
+            name: {"requests": m["requests"], "tokens": m["tokens"], "spilled_in": m["spilled"]}
+            for name, m in d["by_model"].items()
+        },
+        "model_busy": {
+            name: {"busy_share": b / elapsed if elapsed > 0 else 0.0} for name, b in busy_s.items()
+        },
     }
 
 
@@ -435,8 +421,8 @@ def summarize(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
 # Display.
 
 
-def _ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value * 1000:,.0f}"
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * 1000:,.0f}"
 
 
 def _live_view(live: _Live) -> Any:
@@ -481,10 +467,10 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         run = report["policies"][policy]
         for name in sorted(set(run["models"]) | set(run["model_busy"])):
             m = run["models"].get(name, {"requests": 0, "tokens": 0, "spilled_in": 0})
-            busy = run["model_busy"].get(name, {}).get("busy_share", math.nan)
+            busy = run["model_busy"].get(name, {}).get("busy_share")
             per_model.add_row(
                 policy, name, str(m["requests"]), f"{m['tokens']:,}", str(m["spilled_in"]),
-                "-" if math.isnan(busy) else f"{busy:.0%}",
+                "-" if busy is None else f"{busy:.0%}",
             )  # fmt: skip
     console.print(per_model)
 
@@ -493,7 +479,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     side.add_column("n", justify="right")
     for policy in policies:
         side.add_column(f"{policy}\np50 / p95 / p99", justify="right")
-    for kind in KINDS:
+    for kind in SERVED_KINDS:
         cells = []
         for policy in policies:
             k = report["policies"][policy]["kinds"][kind.value]
@@ -518,7 +504,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
 
 
 def run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> dict[str, Any]:
-    """Run the demo and return its report (what ``--json`` prints).
+    """Run the demo and return its report (what ``--json`` prints: no NaN, JSON-ready).
 
     Args:
         options: what to run.
@@ -540,70 +526,72 @@ def run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> dic
     workloads = [
         build_workload(segment_s, coder_s, reasoner_s, options.seed + r) for r in range(rounds)
     ]
-    n_jobs = sum(len(w) for w in workloads)
-    n_surge = sum(j.surge for w in workloads for j in w)
+    n_arrivals = sum(len(w) for w in workloads)
+    n_surge = sum(a.surge for w in workloads for a in w)
     grace_s = max(5.0, segment_s)
     console.print(
-        f"zeta demo: {n_jobs} requests ({n_surge} in surges) per policy, in {rounds} rounds of "
-        f"{segment_s:.0f}s\nmeasured side by side: coder {coder_s * 1e3:.1f} ms/token, "
+        f"zeta demo: {n_arrivals} requests ({n_surge} in surges) per policy, in {rounds} rounds "
+        f"of {segment_s:.0f}s\nmeasured side by side: coder {coder_s * 1e3:.1f} ms/token, "
         f"reasoner {reasoner_s * 1e3:.1f} ms/token"
     )
+    records: dict[str, list[RequestRecord]] = {p: [] for p in options.policies}
+    elapsed: dict[str, float] = dict.fromkeys(options.policies, 0.0)
+    busy: dict[str, defaultdict[str, float]] = {p: defaultdict(float) for p in options.policies}
+    for r, arrivals in enumerate(workloads):
+        # A B, then B A: drift in the machine's background load hits every policy alike.
+        order = options.policies if r % 2 == 0 else options.policies[::-1]
+        for policy in order:
+            live = _Live(policy=f"{policy} (round {r + 1}/{rounds})")
+            result, busy_s = _play(
+                policy, specs, arrivals, segment_s, live, grace_s, options, console, metrics
+            )
+            records[policy].extend(result.records)
+            elapsed[policy] += result.elapsed_s
+            for name, seconds in busy_s.items():
+                busy[policy][name] += seconds
     report: dict[str, Any] = {
         "duration_s": options.duration_s,
         "seed": options.seed,
         "rounds": rounds,
         "ms_per_token": {"coder": coder_s * 1e3, "reasoner": reasoner_s * 1e3},
         "workload": {
-            "requests": n_jobs,
+            "requests": n_arrivals,
             "surge_requests": n_surge,
-            "by_kind": {k.value: sum(j.kind is k for w in workloads for j in w) for k in KINDS},
+            "by_kind": {
+                k.value: sum(a.kind is k for w in workloads for a in w) for k in SERVED_KINDS
+            },
         },
-        "policies": {},
+        "policies": {
+            p: policy_report(summarize(records[p], elapsed[p]), busy[p]) for p in options.policies
+        },
     }
-    outcomes: dict[str, list[Outcome]] = {p: [] for p in options.policies}
-    elapsed: dict[str, float] = dict.fromkeys(options.policies, 0.0)
-    busy: dict[str, dict[str, float]] = {p: defaultdict(float) for p in options.policies}
-    for r, jobs in enumerate(workloads):
-        # A B, then B A: drift in the machine's background load hits every policy alike.
-        order = options.policies if r % 2 == 0 else options.policies[::-1]
-        for policy in order:
-            live = _Live(policy=f"{policy} (round {r + 1}/{rounds})")
-            outs, model_busy, took = _play(
-                policy, specs, jobs, segment_s, live, grace_s, options, console, metrics
-            )
-            outcomes[policy].extend(outs)
-            elapsed[policy] += took
-            for name, m in model_busy.items():
-                busy[policy][name] += m["busy_share"] * took
-    for policy in options.policies:
-        run = summarize(outcomes[policy], elapsed[policy])
-        run["model_busy"] = {
-            name: {"busy_share": b / elapsed[policy]} for name, b in busy[policy].items()
-        }
-        report["policies"][policy] = run
     if options.print_report:
         print_report(report, console)
-    return _json_safe(report)
+    return report
 
 
 def _play(
     policy: str,
     specs: Sequence[ModelSpec],
-    jobs: Sequence[Job],
+    arrivals: Sequence[DemoArrival],
     duration_s: float,
     live: _Live,
     grace_s: float,
     options: DemoOptions,
     console: Any,
     metrics: DemoMetrics | None,
-) -> tuple[list[Outcome], dict[str, dict[str, float]], float]:
+) -> tuple[ReplayResult, dict[str, float]]:
+    """One policy's round, under the live display when there is a terminal to show it on."""
     from rich.live import Live
 
-    async def main() -> tuple[list[Outcome], dict[str, dict[str, float]], float]:
+    async def run() -> tuple[ReplayResult, dict[str, float]]:
+        return await _run_policy(
+            policy, specs, arrivals, duration_s, live, grace_s, options.scoring, metrics
+        )
+
+    async def main() -> tuple[ReplayResult, dict[str, float]]:
         if not (options.live and console.is_terminal):
-            return await _run_policy(
-                policy, specs, jobs, duration_s, live, grace_s, options.scheduler_options, metrics
-            )
+            return await run()
         with Live(_live_view(live), console=console, refresh_per_second=4, transient=True) as lv:
 
             async def refresh() -> None:
@@ -613,24 +601,10 @@ def _play(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(refresh)
-                result = await _run_policy(
-                    policy, specs, jobs, duration_s, live, grace_s, options.scheduler_options,
-                    metrics,
-                )  # fmt: skip
+                result = await run()
                 tg.cancel_scope.cancel()
             return result
 
     result = anyio.run(main)
-    console.print(f"{live.policy}: done in {result[2]:.1f}s")
+    console.print(f"{live.policy}: done in {result[0].elapsed_s:.1f}s")
     return result
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a kind with no answered request) becomes ``None``, which JSON can carry."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
