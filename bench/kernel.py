@@ -6,7 +6,6 @@ For N = 2, 3, 8, 32 and 128 candidates it times, in one process on identical ran
 
 - ``c choose``: the compiled ``ScoreTable.choose(kind, est_tokens)`` called once per message
   from a Python loop (what the router does per message; the loop's own cost is included);
-- ``c batch``: the compiled ``ScoreTable.choose_batch`` over int32/float64 arrays, per message;
 - ``py choose``: the pure-Python reference ``ScoreTable.choose``, per message.
 
 Each figure is the best of ``--repeat`` runs (garbage collector off while timing). Before timing,
@@ -17,7 +16,6 @@ of output is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import array
 import gc
 import json
 import platform
@@ -34,9 +32,8 @@ N_KINDS = 4
 #: Messages per timed run: enough for tens of milliseconds per run.
 MESSAGES_C = 100_000
 MESSAGES_PY = 5_000
-#: Targets from the design: compiled per-message >= 20x the reference, batch <= 100 ns (N=8).
+#: Target from the design: compiled per-message >= 20x the reference (N=8).
 TARGET_SPEEDUP_AT_8 = 20.0
-TARGET_BATCH_NS_AT_8 = 100.0
 
 
 def _state(rng: random.Random, n: int) -> dict[str, Any]:
@@ -62,21 +59,15 @@ def _table(kernel: Any, state: dict[str, Any], seed: int) -> Any:
             t.set_capability(i, k, state["capable"][i][k], state["penalty"][i][k])
         t.set_available(i, state["available"][i])
         t.set_load(i, *state["load"][i])
-        t.set_ewma(i, *state["ewma"][i], 0.0)
+        t.observe(i, *state["ewma"][i], 0.0)  # a new row's first observation sets it exactly
         t.set_util(i, state["util"][i])
     return t
 
 
-def _reset_load(t: Any, state: dict[str, Any]) -> None:
-    for i, (q, f) in enumerate(state["load"]):
-        t.set_load(i, q, f)
-
-
-def _best_ns(run: Callable[[], int], setup: Callable[[], None], repeat: int) -> float:
+def _best_ns(run: Callable[[], int], repeat: int) -> float:
     """Best nanoseconds per message over ``repeat`` runs; ``run`` returns its message count."""
     best = float("inf")
     for _ in range(repeat):
-        setup()
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -116,28 +107,14 @@ def measure(n: int, seed: int, repeat: int) -> dict[str, float]:
         if c_table.choose(k, e) != py_table.choose(k, e):
             raise AssertionError(f"compiled and reference kernels disagree at N={n}")
 
-    def nothing() -> None:
-        pass
-
-    c_choose = _best_ns(_per_message(c_table.choose, kinds, ests), nothing, repeat)
+    c_choose = _best_ns(_per_message(c_table.choose, kinds, ests), repeat)
     py_run = _per_message(py_table.choose, kinds[:MESSAGES_PY], ests[:MESSAGES_PY])
-    py_choose = _best_ns(py_run, nothing, repeat)
-    kinds_arr, ests_arr = array.array("i", kinds), array.array("d", ests)
-    out = array.array("i", bytes(4 * MESSAGES_C))
-
-    def batch() -> int:
-        c_table.choose_batch(kinds_arr, ests_arr, out, True)
-        return MESSAGES_C
-
-    # With reserve=True each batch adds its choices to the queues; start every run afresh.
-    c_batch = _best_ns(batch, lambda: _reset_load(c_table, state), repeat)
+    py_choose = _best_ns(py_run, repeat)
     return {
         "n": n,
         "c_choose_ns": round(c_choose, 1),
-        "c_batch_ns": round(c_batch, 1),
         "py_choose_ns": round(py_choose, 1),
         "speedup_choose": round(py_choose / c_choose, 1),
-        "speedup_batch": round(py_choose / c_batch, 1),
     }
 
 
@@ -160,11 +137,6 @@ def main(argv: list[str]) -> int:
             "got": at8["speedup_choose"],
             "met": at8["speedup_choose"] >= TARGET_SPEEDUP_AT_8,
         },
-        "batch_ns_at_8": {
-            "want": f"<= {TARGET_BATCH_NS_AT_8:g} ns",
-            "got": at8["c_batch_ns"],
-            "met": at8["c_batch_ns"] <= TARGET_BATCH_NS_AT_8,
-        },
     }
 
     print(
@@ -172,12 +144,12 @@ def main(argv: list[str]) -> int:
         f"(seed {args.seed}, {N_KINDS} kinds, Python {platform.python_version()}, "
         f"{platform.machine()})"
     )
-    header = ("N", "c choose", "c batch", "py choose", "py/c choose", "py/c batch")
-    print("{:>5} {:>10} {:>9} {:>11} {:>12} {:>11}".format(*header))
+    header = ("N", "c choose", "py choose", "py/c choose")
+    print("{:>5} {:>10} {:>11} {:>12}".format(*header))
     for r in rows:
         print(
-            f"{r['n']:>5} {r['c_choose_ns']:>10.1f} {r['c_batch_ns']:>9.1f} "
-            f"{r['py_choose_ns']:>11.1f} {r['speedup_choose']:>11.1f}x {r['speedup_batch']:>10.1f}x"
+            f"{r['n']:>5} {r['c_choose_ns']:>10.1f} {r['py_choose_ns']:>11.1f} "
+            f"{r['speedup_choose']:>11.1f}x"
         )
     for name, t in targets.items():
         print(

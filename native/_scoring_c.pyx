@@ -24,12 +24,11 @@ from libc.math cimport INFINITY, exp
 from libc.stdint cimport int64_t
 
 import operator
-from array import array as _array
 
 from zeta._exceptions import KernelInputError
-from zeta._scoring_py import _check, _check_count, _check_int, _check_real
+from zeta._scoring_py import _check, _check_count
 
-__all__ = ["MAX_COST", "MAX_COUNT", "NO_CANDIDATE", "ScoreTable", "contention", "peak_ewma", "score"]
+__all__ = ["MAX_COST", "MAX_COUNT", "NO_CANDIDATE", "ScoreTable"]
 
 NO_CANDIDATE = -1
 UTIL_CAP = 0.95
@@ -87,7 +86,8 @@ cdef inline Py_ssize_t _scan(
 ) noexcept nogil:
     """The decision: cheapest candidate, scanning from ``start``; ties keep the first seen.
 
-    ``capable`` and ``penalty`` are read at ``i * stride`` (one column of a row-major table).
+    ``capable`` and ``penalty`` are read at ``i * stride`` (one column of the table's row-major
+    ``n x n_kinds`` arrays).
     ``costs``, if not NULL, receives every cost.
     """
     cdef Py_ssize_t best = _NO_CANDIDATE
@@ -112,25 +112,9 @@ cdef inline Py_ssize_t _scan(
     return best
 
 
-cdef inline bint _disjoint(
-    const char* a, Py_ssize_t n_a, Py_ssize_t stride_a, size_t size_a,
-    const char* b, Py_ssize_t n_b, Py_ssize_t stride_b, size_t size_b,
-) noexcept nogil:
-    """Whether two non-empty strided 1-D buffers share no byte (strides may be negative)."""
-    cdef const char* lo_a = a + (stride_a * (n_a - 1) if stride_a < 0 else 0)
-    cdef const char* hi_a = a + (0 if stride_a < 0 else stride_a * (n_a - 1)) + size_a
-    cdef const char* lo_b = b + (stride_b * (n_b - 1) if stride_b < 0 else 0)
-    cdef const char* hi_b = b + (0 if stride_b < 0 else stride_b * (n_b - 1)) + size_b
-    return hi_a <= lo_b or hi_b <= lo_a
-
-
 # -- validation: fast paths for exact int/float, the reference's validators otherwise --------
 
-cdef inline str _name(str name, Py_ssize_t at):
-    return name if at < 0 else f"{name}[{at}]"
-
-
-cdef double _number(object value, str name, Py_ssize_t at=-1, double upper=DBL_MAX) except -1.0:
+cdef double _number(object value, str name, double upper=DBL_MAX) except -1.0:
     """Like ``_scoring_py._check``: a finite float in ``0..upper``."""
     cdef double v
     cdef long long ll
@@ -143,10 +127,10 @@ cdef double _number(object value, str name, Py_ssize_t at=-1, double upper=DBL_M
         ll = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow == 0 and ll >= 0 and <double>ll <= upper:
             return <double>ll
-    return _check(_name(name, at), value, None if upper == DBL_MAX else upper)
+    return _check(name, value, None if upper == DBL_MAX else upper)
 
 
-cdef int64_t _count(object value, str name, Py_ssize_t at=-1) except -1:
+cdef int64_t _count(object value, str name) except -1:
     """Like ``_scoring_py._check_count``: an integer in ``0..MAX_COUNT``."""
     cdef long long ll
     cdef int overflow = 0
@@ -154,7 +138,7 @@ cdef int64_t _count(object value, str name, Py_ssize_t at=-1) except -1:
         ll = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow == 0 and 0 <= ll <= _MAX_COUNT:
             return ll
-    return _check_count(_name(name, at), value)
+    return _check_count(name, value)
 
 
 cdef Py_ssize_t _rotation(object value, str name, Py_ssize_t n) except -1:
@@ -187,113 +171,6 @@ cdef Py_ssize_t _in_range(object value, Py_ssize_t n, str what) except -1:
     raise KernelInputError(f"{what} {value!r} out of range 0..{n - 1}")
 
 
-# -- module-level functions ---------------------------------------------------------------
-
-def contention(util, weight=1.0):
-    """Slowdown factor for a device at utilisation ``util`` (0..1); 1 when idle.
-
-    Raises:
-        KernelInputError: ``util`` outside 0..1, or ``weight`` negative, NaN or infinite.
-    """
-    return _contention(_number(util, "util", -1, 1.0), _number(weight, "weight"))
-
-
-def peak_ewma(old, sample, dt, tau):
-    """One peak-EWMA step: jump up to a new peak at once, decay toward lower samples.
-
-    ``dt`` is the time since the previous sample; ``dt <= 0`` (an out-of-order sample) leaves
-    a higher estimate unchanged.
-
-    Raises:
-        KernelInputError: ``old`` or ``sample`` negative or not finite, ``dt`` not finite, or
-            ``tau`` not finite and > 0.
-    """
-    cdef double o = _number(old, "old")
-    cdef double s = _number(sample, "sample")
-    cdef double d = _check_real("dt", dt)
-    cdef double t = _number(tau, "tau")
-    if t <= 0.0:
-        raise KernelInputError(f"tau must be > 0, got {tau!r}")
-    return _peak_ewma(o, s, d, t)
-
-
-# boundscheck on: with it off, Cython reads and writes list items unchecked, and the validators
-# run Python code (__float__, __index__, __bool__) that may shrink a list after its length check.
-@cython.boundscheck(True)
-def score(
-    queue,
-    in_flight,
-    ewma_req,
-    ewma_tok,
-    util,
-    capable,
-    penalty,
-    available,
-    est_tokens,
-    rotation=0,
-    costs=None,
-    *,
-    weight=1.0,
-):
-    """Score one message against ``n`` candidates given as parallel arrays; return the index.
-
-    ``capable`` and ``penalty`` are for the message's kind; ``capable`` and ``available`` are
-    read as truth values. Returns :data:`NO_CANDIDATE` when no candidate is capable and
-    available. If ``costs`` is given, it receives every cost. Every input is validated (in
-    index order) before anything is written to ``costs``.
-
-    Raises:
-        KernelInputError: mismatched lengths, no candidates, or NaN, negative or infinite values.
-    """
-    cdef Py_ssize_t n = len(queue)
-    cdef Py_ssize_t i, best, start
-    cdef double est, w
-    cdef int64_t* counts
-    cdef double* reals
-    cdef unsigned char* ok
-    for name, arr in (
-        ("in_flight", in_flight), ("ewma_req", ewma_req), ("ewma_tok", ewma_tok),
-        ("util", util), ("capable", capable), ("penalty", penalty), ("available", available),
-    ):
-        if len(arr) != n:
-            raise KernelInputError(f"{name} has length {len(arr)}, expected {n} (len(queue))")
-    if costs is not None and len(costs) != n:
-        raise KernelInputError(f"costs has length {len(costs)}, expected {n}")
-    if n == 0:
-        raise KernelInputError("no candidates")
-    est = _number(est_tokens, "est_tokens")
-    w = _number(weight, "weight")
-    start = _rotation(rotation, "rotation", n)
-
-    counts = <int64_t*> PyMem_Malloc(2 * n * sizeof(int64_t))
-    reals = <double*> PyMem_Malloc(5 * n * sizeof(double))
-    ok = <unsigned char*> PyMem_Malloc(n * sizeof(unsigned char))
-    try:
-        if counts == NULL or reals == NULL or ok == NULL:
-            raise MemoryError()
-        # reals holds req | tok | cont | penalty | costs, n each
-        for i in range(n):
-            counts[i] = _count(queue[i], "queue", i)
-            counts[n + i] = _count(in_flight[i], "in_flight", i)
-            reals[i] = _number(ewma_req[i], "ewma_req", i)
-            reals[n + i] = _number(ewma_tok[i], "ewma_tok", i)
-            reals[2 * n + i] = _contention(_number(util[i], "util", i, 1.0), w)
-            reals[3 * n + i] = _number(penalty[i], "penalty", i)
-            ok[i] = bool(capable[i]) and bool(available[i])
-        best = _scan(
-            n, start, 1, counts, counts + n, reals, reals + n, reals + 2 * n, ok, reals + 3 * n,
-            ok, est, reals + 4 * n,
-        )
-        if costs is not None:
-            for i in range(n):
-                costs[i] = reals[4 * n + i]
-        return best
-    finally:
-        PyMem_Free(counts)
-        PyMem_Free(reals)
-        PyMem_Free(ok)
-
-
 # -- the table ----------------------------------------------------------------------------
 
 cdef class ScoreTable:
@@ -304,8 +181,7 @@ cdef class ScoreTable:
     Capability and penalty are per (candidate, kind) pair, kinds numbered ``0..n_kinds-1``;
     a new table has every candidate available, idle, with zero estimates and no capabilities.
     All setters validate their input and raise :class:`KernelInputError` before changing state.
-    A table is not thread-safe: one owner (the router) mutates it. (:meth:`choose_batch`
-    releases the GIL while it runs.)
+    A table is not thread-safe: one owner (the router) mutates it.
     """
 
     def __cinit__(self, n, n_kinds, *, seed=0, tau=5.0, weight=1.0):
@@ -415,52 +291,19 @@ cdef class ScoreTable:
         self._queue[ii] = q
         self._in_flight[ii] = f
 
-    def add_load(self, i, queue, in_flight):
-        """Add (possibly negative) deltas to the load; the result must stay in ``0..MAX_COUNT``."""
-        cdef Py_ssize_t ii = self._index(i)
-        cdef long long dq, df
-        cdef int over_q = 0, over_f = 0
-        if type(queue) is int and type(in_flight) is int:
-            dq = PyLong_AsLongLongAndOverflow(queue, &over_q)
-            df = PyLong_AsLongLongAndOverflow(in_flight, &over_f)
-            if (
-                over_q == 0 and over_f == 0
-                and -_MAX_COUNT <= dq <= _MAX_COUNT  # so the sums below cannot overflow
-                and -_MAX_COUNT <= df <= _MAX_COUNT
-                and 0 <= self._queue[ii] + dq <= _MAX_COUNT
-                and 0 <= self._in_flight[ii] + df <= _MAX_COUNT
-            ):
-                self._queue[ii] += dq
-                self._in_flight[ii] += df
-                return
-        self.set_load(
-            ii,
-            self._queue[ii] + _check_int("queue", queue),
-            self._in_flight[ii] + _check_int("in_flight", in_flight),
-        )
-
     def set_util(self, i, util):
         """Set candidate ``i``'s device utilisation (0..1)."""
         cdef Py_ssize_t ii = self._index(i)
-        cdef double u = _number(util, "util", -1, 1.0)
+        cdef double u = _number(util, "util", 1.0)
         self._util[ii] = u
         self._cont[ii] = _contention(u, self._weight)
-
-    def set_ewma(self, i, per_request, per_token, now):
-        """Overwrite the service-time estimates (a prior, or a calibration result)."""
-        cdef Py_ssize_t ii = self._index(i)
-        cdef double req = _number(per_request, "per_request")
-        cdef double tok = _number(per_token, "per_token")
-        cdef double t = _number(now, "now")
-        self._req[ii] = req
-        self._tok[ii] = tok
-        self._stamp[ii] = t
 
     def observe(self, i, per_request, per_token, now):
         """Fold one observed service into candidate ``i``'s estimates (peak EWMA).
 
         ``now`` is the observation time; an observation older than the last one (``dt <= 0``)
-        can raise an estimate but never lowers it.
+        can raise an estimate but never lowers it. A candidate's first observation sets its
+        estimates exactly (they start at zero), so observing a prior seeds a new table.
         """
         cdef Py_ssize_t ii = self._index(i)
         cdef double req = _number(per_request, "per_request")
@@ -497,18 +340,6 @@ cdef class ScoreTable:
         return self._capable[j] != 0, self._penalty[j]
 
     # -- decisions ------------------------------------------------------------------------
-    def cost(self, i, kind, est_tokens):
-        """Cost of sending one message of ``kind`` to candidate ``i`` (``inf`` if it cannot)."""
-        cdef Py_ssize_t ii = self._index(i)
-        cdef Py_ssize_t j = ii * self._k + self._kind(kind)
-        cdef double est = _number(est_tokens, "est_tokens")
-        if not self._capable[j] or not self._available[ii]:
-            return INFINITY
-        return _cost(
-            self._queue[ii], self._in_flight[ii], self._req[ii], self._tok[ii], self._cont[ii],
-            self._penalty[j], est,
-        )
-
     cdef Py_ssize_t _decide(self, Py_ssize_t kind, double est, double* costs) noexcept nogil:
         """One decision; moves the rotation to just past the winner (by one if none)."""
         cdef Py_ssize_t best = _scan(
@@ -537,118 +368,3 @@ cdef class ScoreTable:
         for i in range(self._n):
             costs[i] = self._scratch[i]
         return best
-
-    cdef Py_ssize_t _run_batch(
-        self, const int[:] kinds, const double[:] est_tokens, int[:] out, bint reserve
-    ) noexcept nogil:
-        """The batch loop over validated inputs; returns the number of misses."""
-        cdef Py_ssize_t x, c, kind
-        cdef Py_ssize_t misses = 0
-        for x in range(kinds.shape[0]):
-            kind = kinds[x]
-            # Validated already, but another thread may write to the buffer while the GIL is
-            # released: never index the table with an unchecked kind.
-            if 0 <= kind < self._k:
-                c = self._decide(kind, est_tokens[x], NULL)
-            else:
-                c = _NO_CANDIDATE
-            out[x] = <int>c
-            if c == _NO_CANDIDATE:
-                misses += 1
-            elif reserve:
-                self._queue[c] += 1
-        return misses
-
-    def choose_batch(self, kinds, est_tokens, out, reserve=True):
-        """Decide for many messages in order; write each choice into ``out``.
-
-        Equivalent to ``out[x] = choose(kinds[x], est_tokens[x])`` for each ``x``, where, with
-        ``reserve``, each choice adds one to its candidate's queue before the next message is
-        scored (what the router does when it enqueues). Returns how many messages found no
-        candidate. All inputs are validated before any state changes.
-
-        Fast path (validation and decisions without the GIL): ``kinds`` and ``out`` int32
-        buffers (``array.array('i')``, ``numpy.int32``; ``out`` writable), ``est_tokens`` a
-        float64 buffer (``array.array('d')``, ``numpy.float64``); any stride. Any other
-        sequences are accepted too: they are validated element by element, like the reference.
-        """
-        cdef const int[:] kv
-        cdef const double[:] ev
-        cdef int[:] ov
-        cdef Py_ssize_t m, x, bad = -1
-        cdef bint res = reserve
-        cdef bint fast = True
-        try:
-            kv = kinds
-            ev = est_tokens
-            ov = out
-        except (TypeError, ValueError, BufferError):
-            fast = False
-        if not fast:
-            return self._choose_batch_generic(kinds, est_tokens, out, res)
-        m = kv.shape[0]
-        if ev.shape[0] != m or ov.shape[0] != m:
-            raise KernelInputError(
-                f"kinds, est_tokens and out must have equal lengths, got "
-                f"{m}, {ev.shape[0]}, {ov.shape[0]}"
-            )
-        # The loop reads kinds[x] and est_tokens[x] after writing out[:x]; if out shares memory
-        # with either, the reference (which copies all inputs first) is what the copying path does.
-        if m > 0 and not (
-            _disjoint(
-                <const char*>&ov[0], m, ov.strides[0], sizeof(int),
-                <const char*>&kv[0], m, kv.strides[0], sizeof(int),
-            )
-            and _disjoint(
-                <const char*>&ov[0], m, ov.strides[0], sizeof(int),
-                <const char*>&ev[0], m, ev.strides[0], sizeof(double),
-            )
-        ):
-            return self._choose_batch_generic(kinds, est_tokens, out, res)
-        with nogil:
-            for x in range(m):
-                if not (0 <= kv[x] < self._k and 0.0 <= ev[x] <= DBL_MAX):
-                    bad = x
-                    break
-        if bad >= 0:  # let the slow paths raise the reference's error for this element
-            self._kind(kinds[bad])
-            _number(est_tokens[bad], "est_tokens", bad)
-            raise KernelInputError(f"message {bad} is invalid")  # unreachable unless they drift
-        with nogil:
-            m = self._run_batch(kv, ev, ov, res)
-        return m
-
-    @cython.boundscheck(True)  # the inputs are Python sequences that validation may shrink
-    cdef object _choose_batch_generic(
-        self, object kinds, object est_tokens, object out, bint reserve
-    ):
-        """choose_batch for inputs that are not int32/float64 buffers (or that overlap ``out``).
-
-        Validates each element like the reference and copies them into int32/float64 arrays,
-        then decides and writes ``out[x]`` one message at a time, as the reference does, so an
-        ``out`` that rejects a write fails at the same message with the same state.
-        """
-        cdef Py_ssize_t m = len(kinds)
-        cdef Py_ssize_t x, c
-        cdef Py_ssize_t misses = 0
-        cdef int[:] kv
-        cdef double[:] ev
-        if len(est_tokens) != m or len(out) != m:
-            raise KernelInputError(
-                f"kinds, est_tokens and out must have equal lengths, got "
-                f"{m}, {len(est_tokens)}, {len(out)}"
-            )
-        # array * m raises MemoryError where m * itemsize would overflow (a huge __len__).
-        kv = _array("i", [0]) * m
-        ev = _array("d", [0.0]) * m
-        for x in range(m):
-            kv[x] = self._kind(kinds[x])
-            ev[x] = _number(est_tokens[x], "est_tokens", x)
-        for x in range(m):
-            c = self._decide(kv[x], ev[x], NULL)
-            out[x] = c
-            if c == _NO_CANDIDATE:
-                misses += 1
-            elif reserve:
-                self._queue[c] += 1
-        return misses

@@ -36,7 +36,7 @@ def test_kernel_bench_reports_every_size_and_ratio(tmp_path: Path) -> None:
     assert isinstance(rows, list)
     assert [r["n"] for r in rows] == [2, 3, 8, 32, 128]
     for r in rows:
-        assert r["c_choose_ns"] > 0 and r["c_batch_ns"] > 0 and r["py_choose_ns"] > 0
+        assert r["c_choose_ns"] > 0 and r["py_choose_ns"] > 0
         assert r["speedup_choose"] == pytest.approx(r["py_choose_ns"] / r["c_choose_ns"], rel=0.05)
 
 

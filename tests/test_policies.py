@@ -85,7 +85,7 @@ def test_threshold_spills_code_to_reasoner_with_hysteresis() -> None:
     policy = ThresholdPolicy(high=0.8, low=0.5, backlog_s=2.0)
     router, table, rows = setup(policy)
     coder = rows["coder"][0]
-    table.set_ewma(coder, 0.5, 0.0, 0.0)  # half a second per request
+    table.observe(coder, 0.5, 0.0, 0.0)  # half a second per request
     assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
     table.set_load(coder, 3, 1)  # 2 s of backlog: fully loaded
     assert model_of(router, router.choose(req(Kind.CODE))) == "reasoner"
@@ -100,7 +100,7 @@ def test_threshold_spills_code_to_reasoner_with_hysteresis() -> None:
 def test_threshold_backlog_uses_the_requests_token_estimate() -> None:
     router, table, rows = setup(ThresholdPolicy(high=0.8, low=0.5, backlog_s=2.0))
     coder = rows["coder"][0]
-    table.set_ewma(coder, 0.0, 0.01, 0.0)  # 10 ms per token
+    table.observe(coder, 0.0, 0.01, 0.0)  # 10 ms per token
     table.set_load(coder, 1, 1)
     assert model_of(router, router.choose(req(Kind.CODE, est_tokens=16))) == "coder"  # 0.32 s
     assert model_of(router, router.choose(req(Kind.CODE, est_tokens=100))) == "reasoner"  # 2 s
@@ -154,7 +154,7 @@ def test_dynamic_moves_away_from_a_loaded_model() -> None:
     router, table, rows = setup(DynamicPolicy())
     coder, reasoner = rows["coder"][0], rows["reasoner"][0]
     for i in (coder, reasoner):
-        table.set_ewma(i, 0.5, 0.01, 0.0)
+        table.observe(i, 0.5, 0.01, 0.0)
     table.set_load(coder, 6, 1)
     assert model_of(router, router.choose(req(Kind.CODE))) == "reasoner"
 
@@ -162,10 +162,10 @@ def test_dynamic_moves_away_from_a_loaded_model() -> None:
 def test_dynamic_is_the_kernel() -> None:
     router, table, _ = setup(DynamicPolicy(), coder_replicas=2)
     for i in range(table.n):
-        table.set_ewma(i, 0.1 * (i + 1), 0.001, 0.0)
+        table.observe(i, 0.1 * (i + 1), 0.001, 0.0)
     twin = ScoreTable(table.n, table.n_kinds)
     for i in range(table.n):
-        twin.set_ewma(i, 0.1 * (i + 1), 0.001, 0.0)
+        twin.observe(i, 0.1 * (i + 1), 0.001, 0.0)
         for k in range(table.n_kinds):
             twin.set_capability(i, k, *table.capability(i, k))
     assert router.choose(req(Kind.CODE)) == twin.choose(KIND_INDEX[Kind.CODE], 16.0)
@@ -216,8 +216,8 @@ def test_power_of_two_is_seeded() -> None:
 def test_peak_ewma_picks_the_lowest_expected_wait() -> None:
     router, table, rows = setup(PeakEwmaPolicy())
     coder, reasoner = rows["coder"][0], rows["reasoner"][0]
-    table.set_ewma(coder, 1.0, 0.0, 0.0)
-    table.set_ewma(reasoner, 0.2, 0.0, 0.0)
+    table.observe(coder, 1.0, 0.0, 0.0)
+    table.observe(reasoner, 0.2, 0.0, 0.0)
     table.set_load(reasoner, 2, 1)  # 4 * 0.2 = 0.8 < 1 * 1.0
     assert router.choose(req(Kind.CODE)) == reasoner
     table.set_load(reasoner, 4, 1)  # 6 * 0.2 = 1.2 > 1.0
@@ -280,7 +280,7 @@ def test_every_policy_returns_a_capable_available_candidate_or_none(
         table.set_load(i, queue, in_flight)
         table.set_util(i, util)
         table.set_available(i, available)
-        table.set_ewma(i, ewma, ewma / 100, 0.0)
+        table.observe(i, ewma, ewma / 100, 0.0)
     eligible = [c.index for c in router.candidates if kind in c.kinds and table.available(c.index)]
     choice = router.choose(req(kind, difficulty))  # raises if the choice is impossible
     if choice is not None:

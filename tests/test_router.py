@@ -66,8 +66,8 @@ def test_fallback_is_the_kernel_and_skips_unavailable_rows() -> None:
 
 def test_retry_after_is_the_soonest_expected_completion() -> None:
     router = make_router()
-    router.table.set_ewma(0, 0.5, 0.01, 0.0)
-    router.table.set_ewma(1, 0.2, 0.01, 0.0)
+    router.table.observe(0, 0.5, 0.01, 0.0)
+    router.table.observe(1, 0.2, 0.01, 0.0)
     assert router.retry_after(Kind.CODE, 10.0, [0, 1]) == pytest.approx(0.3)
     assert router.retry_after(Kind.CODE, 10.0, []) == 1.0
     assert router.retry_after(Kind.CODE, 10.0, [2]) == 0.001  # no estimate yet: the floor

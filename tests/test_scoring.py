@@ -7,13 +7,12 @@ same choices, the same costs and estimates to the last bit, and the same errors.
 
 from __future__ import annotations
 
-import array
 import importlib.machinery
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -98,7 +97,7 @@ def build(kernel: ModuleType, state: TableState, *, tau: float = 5.0) -> Any:
     t = kernel.ScoreTable(state.n, state.n_kinds, seed=state.seed, tau=tau, weight=state.weight)
     for i, c in enumerate(state.candidates):
         t.set_load(i, c.queue, c.in_flight)
-        t.set_ewma(i, c.req, c.tok, 0.0)
+        t.observe(i, c.req, c.tok, 0.0)  # a new row's first observation sets it exactly
         t.set_util(i, c.util)
         t.set_available(i, c.available)
         for k in range(state.n_kinds):
@@ -160,8 +159,6 @@ def test_compiled_agrees_with_reference_on_random_tables(
         py_costs, c_costs = [0.0] * state.n, [0.0] * state.n
         assert py.choose(kind, est, py_costs) == c.choose(kind, est, c_costs)
         assert py_costs == c_costs
-        for i in range(state.n):
-            assert py.cost(i, kind, est) == c.cost(i, kind, est)
     assert snapshot(py) == snapshot(c)
 
 
@@ -175,49 +172,6 @@ invalid_inputs = st.sampled_from(
 )
 odd_reals = st.sampled_from([np.float64(0.5), np.float32(2.0), True, 3, 0])  # valid, not floats
 odd_counts = st.sampled_from([np.int64(3), np.uint8(1), 2**31 - 1])  # valid, not small ints
-
-
-@given(
-    n=st.integers(1, 6),
-    data=st.data(),
-    est=mostly(st.floats(0.0, 4096.0) | odd_reals, invalid_inputs),
-    rotation=mostly(st.integers(0, 10**30) | odd_counts, invalid_inputs),
-    weight=mostly(st.floats(0.0, 4.0) | odd_reals, invalid_inputs),
-    corrupt=st.booleans(),
-    resize=st.integers(-1, 1) | st.just(0) | st.just(0),
-    with_costs=st.booleans(),
-)
-def test_score_agrees_with_reference(
-    n: int,
-    data: st.DataObject,
-    est: Any,
-    rotation: Any,
-    weight: Any,
-    corrupt: bool,
-    resize: int,
-    with_costs: bool,
-) -> None:
-    counts = st.integers(0, 10) | odd_counts
-    reals = st.floats(0.0, 10.0) | odd_reals
-    arrays = [
-        data.draw(st.lists(elements, min_size=n, max_size=n))
-        for elements in (
-            counts, counts, reals, reals, st.floats(0.0, 1.0), st.booleans(), reals, st.booleans(),
-        )
-    ]  # fmt: skip
-    if corrupt:  # one invalid value somewhere
-        arrays[data.draw(st.integers(0, 7))][data.draw(st.integers(0, n - 1))] = data.draw(
-            invalid_inputs
-        )
-    if resize:  # one array of the wrong length
-        which = data.draw(st.integers(0, 7))
-        arrays[which] = arrays[which][:-1] if resize < 0 else [*arrays[which], 0]
-    py_costs = [-1.0] * n if with_costs else None
-    c_costs = [-1.0] * n if with_costs else None
-    py = outcome(_scoring_py.score, *arrays, est, rotation, py_costs, weight=weight)
-    c = outcome(_scoring_c.score, *arrays, est, rotation, c_costs, weight=weight)
-    assert py == c
-    assert py_costs == c_costs
 
 
 st_index = mostly(st.integers(0, 2), st.integers(-1, 7) | st.just(True) | st.just(1.0))
@@ -263,7 +217,7 @@ class TwinTables(RuleBasedStateMachine):
             for cell in cells:
                 t.set_capability(*cell)
             for i, req, tok in priors:
-                t.set_ewma(i, req, tok, 0.0)
+                t.observe(i, req, tok, 0.0)
             tables.append(t)
         self.tables = (tables[0], tables[1])
 
@@ -284,21 +238,9 @@ class TwinTables(RuleBasedStateMachine):
     def set_load(self, i: Any, queue: Any, in_flight: Any) -> None:
         self.both("set_load", i, queue, in_flight)
 
-    @rule(
-        i=st_index,
-        queue=st.one_of(st.integers(-3, 3), st.just(1.0)),
-        in_flight=st.one_of(st.integers(-3, 3), st.integers(-(2**64), 2**64)),
-    )
-    def add_load(self, i: Any, queue: Any, in_flight: Any) -> None:
-        self.both("add_load", i, queue, in_flight)
-
     @rule(i=st_index, util=st.one_of(st.floats(0.0, 1.0), st_real))
     def set_util(self, i: Any, util: Any) -> None:
         self.both("set_util", i, util)
-
-    @rule(i=st_index, req=st_real, tok=st_real, now=st.floats(0.0, 100.0))
-    def set_ewma(self, i: Any, req: Any, tok: Any, now: float) -> None:
-        self.both("set_ewma", i, req, tok, now)
 
     @rule(i=st_index, req=st_real, tok=st_real, now=st.one_of(st.floats(0.0, 100.0), st_real))
     def observe(self, i: Any, req: Any, tok: Any, now: Any) -> None:
@@ -307,10 +249,6 @@ class TwinTables(RuleBasedStateMachine):
     @rule(tau=st.one_of(st.none(), st.floats(0.01, 50.0), st_real), weight=st.none() | st_real)
     def set_params(self, tau: Any, weight: Any) -> None:
         self.both("set_params", tau=tau, weight=weight)
-
-    @rule(i=st_index, kind=st_kind, est=st_real)
-    def cost(self, i: Any, kind: Any, est: Any) -> None:
-        self.both("cost", i, kind, est)
 
     @rule(kind=st_kind, est=st_real, costs=st.sampled_from(["none", "n", "short", "long"]))
     def choose(self, kind: Any, est: Any, costs: str) -> None:
@@ -323,67 +261,10 @@ class TwinTables(RuleBasedStateMachine):
         assert results[0] == results[1]
         assert buffers[0] == buffers[1]
 
-    @rule(
-        data=st.data(),
-        size=st.integers(0, 8),
-        container=st.sampled_from(["array", "numpy", "list", "numpy64"]),
-        out_len_delta=mostly(st.just(0), st.just(1)),
-        reserve=st.booleans(),
-        corrupt=mostly(st.just(False), st.just(True)),
-    )
-    def choose_batch(
-        self,
-        data: st.DataObject,
-        size: int,
-        container: str,
-        out_len_delta: int,
-        reserve: bool,
-        corrupt: bool,
-    ) -> None:
-        k = self.tables[0].n_kinds
-        messages = data.draw(
-            st.lists(
-                st.tuples(st.integers(0, k - 1), st.floats(0.0, 4096.0)),
-                min_size=size,
-                max_size=size,
-            )
-        )
-        if corrupt and messages:  # one invalid message
-            bad = st.sampled_from([(-1, 1.0), (k, 1.0), (0, math.nan), (0, -1.0), (0, math.inf)])
-            messages[data.draw(st.integers(0, size - 1))] = data.draw(bad)
-        outs = []
-        results = []
-        for t in self.tables:
-            kinds, ests, out = _containers(container, messages, len(messages) + out_len_delta)
-            results.append(outcome(t.choose_batch, kinds, ests, out, reserve))
-            outs.append(list(out))
-        assert results[0] == results[1]
-        assert outs[0] == outs[1]
-
     @invariant()
     def same_state(self) -> None:
         if self.tables[0] is not None:
             assert snapshot(self.tables[0]) == snapshot(self.tables[1])
-
-
-def _containers(container: str, messages: Sequence[tuple[int, float]], out_len: int) -> Any:
-    kinds = [k for k, _ in messages]
-    ests = [e for _, e in messages]
-    if container == "array":
-        return array.array("i", kinds), array.array("d", ests), array.array("i", [7] * out_len)
-    if container == "numpy":
-        return (
-            np.array(kinds, dtype=np.int32),
-            np.array(ests, dtype=np.float64),
-            np.full(out_len, 7, dtype=np.int32),
-        )
-    if container == "numpy64":  # not the fast path's dtypes: the generic path
-        return (
-            np.array(kinds, dtype=np.int64),
-            np.array(ests, dtype=np.float64),
-            np.full(out_len, 7, dtype=np.int64),
-        )
-    return kinds, ests, [7] * out_len
 
 
 TestTwinTables = TwinTables.TestCase
@@ -423,34 +304,6 @@ def test_costs_follow_the_documented_formula(
     for i, c in enumerate(state.candidates):
         want = expected_cost(c, kind, est, state.weight)
         assert costs[i] == pytest.approx(want, rel=1e-12)
-        assert t.cost(i, kind, est) == costs[i]
-
-
-@given(state=table_states(), kind=st.integers(0, 2), est=st.floats(0.0, 4096.0))
-def test_score_function_matches_the_table(
-    kernel: ModuleType, state: TableState, kind: int, est: float
-) -> None:
-    kind %= state.n_kinds
-    t = build(kernel, state)
-    cs = state.candidates
-    score_costs = [0.0] * state.n
-    choice = kernel.score(
-        [c.queue for c in cs],
-        [c.in_flight for c in cs],
-        [c.req for c in cs],
-        [c.tok for c in cs],
-        [c.util for c in cs],
-        [c.capable[kind] for c in cs],
-        [c.penalty[kind] for c in cs],
-        [c.available for c in cs],
-        est,
-        state.seed,
-        score_costs,
-        weight=state.weight,
-    )
-    table_costs = [0.0] * state.n
-    assert t.choose(kind, est, table_costs) == choice
-    assert score_costs == table_costs
 
 
 def test_a_servable_candidate_with_an_overflowing_cost_is_still_chosen(kernel: ModuleType) -> None:
@@ -462,7 +315,7 @@ def test_a_servable_candidate_with_an_overflowing_cost_is_still_chosen(kernel: M
     assert costs == [INF, MAX_COST, INF]
 
     t.set_params(weight=1.0)
-    t.set_ewma(1, 1e308, 1e308, 0.0)
+    t.observe(1, 1e308, 1e308, 0.0)
     t.set_load(1, 2**31 - 1, 2**31 - 1)
     assert t.choose(0, 4096.0, costs) == 1
     assert costs == [INF, MAX_COST, INF]
@@ -490,21 +343,27 @@ def test_cost_is_non_decreasing_in_load_estimates_and_utilisation(
     kind %= state.n_kinds
     i = data.draw(st.integers(0, state.n - 1))
     t = build(kernel, state)
-    before = t.cost(i, kind, est)
+    costs = [0.0] * state.n
+
+    def cost(est: float) -> float:
+        t.choose(kind, est, costs)
+        return costs[i]
+
+    before = cost(est)
     c = state.candidates[i]
     if field == "queue":
-        t.add_load(i, int(more), 0)
+        t.set_load(i, c.queue + int(more), c.in_flight)
     elif field == "in_flight":
-        t.add_load(i, 0, int(more))
-    elif field in ("req", "tok"):
-        t.set_ewma(i, c.req + more * (field == "req"), c.tok + more * (field == "tok"), 0.0)
+        t.set_load(i, c.queue, c.in_flight + int(more))
+    elif field in ("req", "tok"):  # a peak: taken at once
+        t.observe(i, c.req + more * (field == "req"), c.tok + more * (field == "tok"), 0.0)
     elif field == "util":
         t.set_util(i, min(1.0, c.util + more))
     elif field == "penalty":
         t.set_capability(i, kind, c.capable[kind], c.penalty[kind] + more)
     else:
         est += more
-    assert t.cost(i, kind, est) >= before
+    assert cost(est) >= before
 
 
 def test_equal_candidates_are_chosen_in_turn(kernel: ModuleType) -> None:
@@ -526,7 +385,7 @@ def test_equal_candidates_share_work_evenly(
     t = kernel.ScoreTable(len(mask), 1, seed=seed)
     for i, capable in enumerate(mask):
         t.set_capability(i, 0, capable)
-        t.set_ewma(i, 0.5, 0.01, 0.0)
+        t.observe(i, 0.5, 0.01, 0.0)
     equals = [i for i, capable in enumerate(mask) if capable]
     picks = [t.choose(0, 64) for _ in range(rounds * len(equals))]
     assert sorted(picks) == sorted(equals * rounds)
@@ -581,7 +440,7 @@ def _table(kernel: ModuleType) -> Any:
     t = kernel.ScoreTable(3, 2, seed=1)
     for i in range(3):
         t.set_capability(i, 0, True, 0.1 * i)
-        t.set_ewma(i, 0.2, 0.01, 1.0)
+        t.observe(i, 0.2, 0.01, 1.0)
         t.set_load(i, i, 1)
     return t
 
@@ -590,12 +449,8 @@ BAD_CALLS: list[tuple[str, Callable[..., Any]]] = []
 for _bad in BAD_REALS:
     BAD_CALLS += [
         (f"choose est {_bad!r}", lambda t, b=_bad: t.choose(0, b)),
-        (f"cost est {_bad!r}", lambda t, b=_bad: t.cost(0, 0, b)),
         (f"penalty {_bad!r}", lambda t, b=_bad: t.set_capability(0, 0, True, b)),
         (f"util {_bad!r}", lambda t, b=_bad: t.set_util(0, b)),
-        (f"set_ewma req {_bad!r}", lambda t, b=_bad: t.set_ewma(0, b, 0.1, 2.0)),
-        (f"set_ewma tok {_bad!r}", lambda t, b=_bad: t.set_ewma(0, 0.1, b, 2.0)),
-        (f"set_ewma now {_bad!r}", lambda t, b=_bad: t.set_ewma(0, 0.1, 0.1, b)),
         (f"observe req {_bad!r}", lambda t, b=_bad: t.observe(0, b, 0.1, 2.0)),
         (f"observe tok {_bad!r}", lambda t, b=_bad: t.observe(0, 0.1, b, 2.0)),
         (f"observe now {_bad!r}", lambda t, b=_bad: t.observe(0, 0.1, 0.1, b)),
@@ -614,20 +469,17 @@ for _bad in [-1, 3, True, 1.0, None, "0", 2**70]:
     BAD_CALLS += [
         (f"index {_bad!r}", lambda t, b=_bad: t.set_available(b, False)),
         (f"index {_bad!r} getter", lambda t, b=_bad: t.load(b)),
-        (f"index {_bad!r} cost", lambda t, b=_bad: t.cost(b, 0, 1.0)),
+        (f"index {_bad!r} observe", lambda t, b=_bad: t.observe(b, 0.1, 0.1, 2.0)),
     ]
 for _bad in [-1, 2, True, 1.0, None]:
     BAD_CALLS += [
         (f"kind {_bad!r}", lambda t, b=_bad: t.choose(b, 1.0)),
         (f"kind {_bad!r} capability", lambda t, b=_bad: t.set_capability(0, b, True)),
+        (f"kind {_bad!r} getter", lambda t, b=_bad: t.capability(0, b)),
     ]
 BAD_CALLS += [
     ("util above 1", lambda t: t.set_util(0, 1.0000001)),
     ("tau zero", lambda t: t.set_params(tau=0.0)),
-    ("add_load below zero", lambda t: t.add_load(0, -1, 0)),
-    ("add_load above MAX_COUNT", lambda t: t.add_load(0, 0, 2**31 - 1)),
-    ("add_load float", lambda t: t.add_load(0, 1.0, 0)),
-    ("add_load str", lambda t: t.add_load(0, 0, "1")),
     ("costs too short", lambda t: t.choose(0, 1.0, [0.0, 0.0])),
     ("costs too long", lambda t: t.choose(0, 1.0, [0.0] * 4)),
 ]
@@ -671,90 +523,22 @@ def test_invalid_table_shape_or_parameters_raise(
         kernel.ScoreTable(*args, **kwargs)
 
 
-def _score_args(n: int = 3) -> list[Any]:
-    return [[0] * n, [0] * n, [0.1] * n, [0.01] * n, [0.0] * n, [1] * n, [0.0] * n, [1] * n, 8.0]
+def test_contention_multiplies_the_expected_service(kernel: ModuleType) -> None:
+    t = kernel.ScoreTable(1, 1)
+    t.set_capability(0, 0, True)
+    t.observe(0, 1.0, 0.0, 0.0)  # one second per request: the cost is the contention factor
+    costs = [0.0]
 
+    def factor(util: float) -> float:
+        t.set_util(0, util)
+        t.choose(0, 0.0, costs)
+        return costs[0]
 
-@pytest.mark.parametrize("position", range(8), ids=lambda p: f"array{p}")
-@pytest.mark.parametrize("length", [2, 4], ids=lambda n: f"len{n}")
-def test_score_rejects_mismatched_lengths(kernel: ModuleType, position: int, length: int) -> None:
-    args = _score_args()
-    args[position] = args[position][:1] * length
-    with pytest.raises(KernelInputError):
-        kernel.score(*args)
-
-
-@pytest.mark.parametrize(
-    ("position", "bad"),
-    [(p, b) for p in (0, 1) for b in BAD_COUNTS]
-    + [(p, b) for p in (2, 3, 4, 6) for b in BAD_REALS]
-    + [(4, 1.5), (8, math.nan), (8, -2.0), (8, math.inf), (8, "3")],
-    ids=repr,
-)
-def test_score_rejects_invalid_values(kernel: ModuleType, position: int, bad: Any) -> None:
-    args = _score_args()
-    costs = [-1.0] * 3
-    if position < 8:
-        args[position][2] = bad
-    else:
-        args[position] = bad
-    with pytest.raises(KernelInputError):
-        kernel.score(*args, costs=costs)
-    assert costs == [-1.0] * 3  # validated before anything is written
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"costs": [0.0] * 2},
-        {"rotation": -1},
-        {"rotation": 1.0},
-        {"weight": math.nan},
-        {"weight": -1.0},
-    ],
-    ids=repr,
-)
-def test_score_rejects_invalid_options(kernel: ModuleType, kwargs: dict[str, Any]) -> None:
-    with pytest.raises(KernelInputError):
-        kernel.score(*_score_args(), **kwargs)
-
-
-def test_score_rejects_no_candidates(kernel: ModuleType) -> None:
-    with pytest.raises(KernelInputError):
-        kernel.score(*_score_args(0))
-
-
-@pytest.mark.parametrize(
-    ("fn", "args"),
-    [
-        ("contention", (math.nan,)),
-        ("contention", (-0.1,)),
-        ("contention", (1.5,)),
-        ("contention", (0.5, -1.0)),
-        ("contention", (0.5, math.inf)),
-        ("peak_ewma", (math.nan, 1.0, 1.0, 1.0)),
-        ("peak_ewma", (1.0, -1.0, 1.0, 1.0)),
-        ("peak_ewma", (1.0, math.inf, 1.0, 1.0)),
-        ("peak_ewma", (1.0, 0.5, math.nan, 1.0)),
-        ("peak_ewma", (1.0, 0.5, -math.inf, 1.0)),
-        ("peak_ewma", (1.0, 0.5, 1.0, 0.0)),
-        ("peak_ewma", (1.0, 0.5, 1.0, math.inf)),
-        ("peak_ewma", (1.0, 0.5, "1", 1.0)),
-    ],
-    ids=repr,
-)
-def test_scalar_functions_reject_invalid_values(
-    kernel: ModuleType, fn: str, args: tuple[float, ...]
-) -> None:
-    with pytest.raises(KernelInputError):
-        getattr(kernel, fn)(*args)
-
-
-def test_contention(kernel: ModuleType) -> None:
-    assert kernel.contention(0.0) == 1.0
-    assert kernel.contention(0.5) == 2.0
-    assert kernel.contention(0.5, 0.0) == 1.0
-    assert kernel.contention(1.0) == kernel.contention(0.95) == pytest.approx(20.0)
+    assert factor(0.0) == 1.0
+    assert factor(0.5) == 2.0
+    assert factor(1.0) == factor(0.95) == pytest.approx(20.0)  # clamped below the pole
+    t.set_params(weight=0.0)
+    assert factor(0.5) == 1.0
 
 
 # -- peak EWMA ----------------------------------------------------------------------------------
@@ -762,11 +546,30 @@ def test_contention(kernel: ModuleType) -> None:
 nonneg = st.floats(0.0, 1e6)
 
 
+def peak_ewma(kernel: ModuleType, old: float, sample: float, dt: float, tau: float) -> float:
+    """One peak-EWMA step through a table: ``old`` observed at time 10, ``sample`` at ``10 + dt``."""
+    t = kernel.ScoreTable(1, 1, tau=tau)
+    t.observe(0, old, 0.0, 10.0)
+    t.observe(0, sample, 0.0, 10.0 + dt)
+    return float(t.ewma(0)[0])
+
+
+@given(per_request=nonneg, per_token=st.floats(0.0, 10.0), now=st.floats(0.0, 1e6))
+def test_a_first_observation_sets_the_estimates_exactly(
+    kernel: ModuleType, per_request: float, per_token: float, now: float
+) -> None:
+    """What lets a caller seed a new table with priors."""
+    t = kernel.ScoreTable(2, 1)
+    t.observe(1, per_request, per_token, now)
+    assert t.ewma(1) == (per_request, per_token)
+    assert t.ewma(0) == (0.0, 0.0)
+
+
 @given(old=nonneg, sample=nonneg, dt=st.floats(-10.0, 1e3), tau=st.floats(1e-3, 1e3))
 def test_peak_ewma_follows_peaks_up_at_once(
     kernel: ModuleType, old: float, sample: float, dt: float, tau: float
 ) -> None:
-    new = kernel.peak_ewma(old, sample, dt, tau)
+    new = peak_ewma(kernel, old, sample, dt, tau)
     if sample >= old:
         assert new == sample
     elif dt <= 0:
@@ -785,16 +588,16 @@ def test_peak_ewma_follows_peaks_up_at_once(
 def test_peak_ewma_decays_faster_with_time_and_slower_with_tau(
     kernel: ModuleType, old: float, sample: float, dt: float, more: float, tau: float
 ) -> None:
-    base = kernel.peak_ewma(old, sample, dt, tau)
+    base = peak_ewma(kernel, old, sample, dt, tau)
     slack = 1e-12 * max(old, sample)  # rounding of the blend
-    assert kernel.peak_ewma(old, sample, dt + more, tau) <= base + slack
-    assert kernel.peak_ewma(old, sample, dt, tau + more) >= base - slack
+    assert peak_ewma(kernel, old, sample, dt + more, tau) <= base + slack
+    assert peak_ewma(kernel, old, sample, dt, tau + more) >= base - slack
 
 
 def test_peak_ewma_decays_with_time_constant_tau(kernel: ModuleType) -> None:
-    assert kernel.peak_ewma(1.0, 0.0, 2.0, 2.0) == pytest.approx(math.exp(-1.0))
-    assert kernel.peak_ewma(3.0, 1.0, 4.0, 2.0) == pytest.approx(1.0 + 2.0 * math.exp(-2.0))
-    assert kernel.peak_ewma(3.0, 1.0, 1e9, 2.0) == pytest.approx(1.0)
+    assert peak_ewma(kernel, 1.0, 0.0, 2.0, 2.0) == pytest.approx(math.exp(-1.0))
+    assert peak_ewma(kernel, 3.0, 1.0, 4.0, 2.0) == pytest.approx(1.0 + 2.0 * math.exp(-2.0))
+    assert peak_ewma(kernel, 3.0, 1.0, 1e9, 2.0) == pytest.approx(1.0)
 
 
 def test_observe_jumps_to_peaks_and_decays_toward_the_new_level(kernel: ModuleType) -> None:
@@ -826,136 +629,16 @@ def test_tau_sets_the_decay(kernel: ModuleType) -> None:
     fast, slow = kernel.ScoreTable(1, 1, tau=1.0), kernel.ScoreTable(1, 1)
     slow.set_params(tau=10.0)
     for t in (fast, slow):
-        t.set_ewma(0, 4.0, 0.0, 0.0)
+        t.observe(0, 4.0, 0.0, 0.0)
         t.observe(0, 0.0, 0.0, 1.0)
     assert fast.ewma(0)[0] == pytest.approx(4.0 * math.exp(-1.0))
     assert slow.ewma(0)[0] == pytest.approx(4.0 * math.exp(-0.1))
 
 
-# -- choose_batch -------------------------------------------------------------------------------
-
-CONTAINERS = ["array", "numpy", "numpy_strided", "list", "numpy64"]
-
-
-def _batch_inputs(container: str, messages: list[tuple[int, float]]) -> tuple[Any, Any, Any]:
-    if container == "numpy_strided":  # every other element of larger arrays
-        kinds = np.zeros(2 * len(messages), dtype=np.int32)
-        ests = np.zeros(2 * len(messages), dtype=np.float64)
-        kinds[::2] = [k for k, _ in messages]
-        ests[::2] = [e for _, e in messages]
-        out = np.full(2 * len(messages), 7, dtype=np.int32)
-        return kinds[::2], ests[::2], out[::2]
-    return _containers(container, messages, len(messages))
-
-
-@pytest.mark.parametrize("container", CONTAINERS)
-@given(state=table_states(), messages=kinds_and_estimates, reserve=st.booleans())
-def test_choose_batch_equals_repeated_choose(
-    kernel: ModuleType,
-    container: str,
-    state: TableState,
-    messages: list[tuple[int, float]],
-    reserve: bool,
-) -> None:
-    messages = [(k % state.n_kinds, e) for k, e in messages]
-    batch, single = build(kernel, state), build(kernel, state)
-    kinds, ests, out = _batch_inputs(container, messages)
-    misses = batch.choose_batch(kinds, ests, out, reserve)
-
-    expected = []
-    for kind, est in messages:
-        c = single.choose(kind, est)
-        expected.append(c)
-        if reserve and c != NO_CANDIDATE:
-            single.add_load(c, 1, 0)
-    assert list(out) == expected
-    assert misses == expected.count(NO_CANDIDATE)
-    assert snapshot(batch) == snapshot(single)
-    assert batch.choose(0, 1.0) == single.choose(0, 1.0)  # same rotation afterwards
-
-
-@pytest.mark.parametrize("container", CONTAINERS)
-@pytest.mark.parametrize(
-    "messages",
-    [
-        [(0, 1.0), (0, 2.0), (2, 1.0)],  # kind out of range, last
-        [(0, 1.0), (-1, 2.0), (0, 1.0)],
-        [(0, math.nan), (0, 1.0)],
-        [(0, 1.0), (0, -1.0)],
-        [(0, 1.0), (1, math.inf)],
-    ],
-    ids=["kind_high", "kind_negative", "nan", "negative", "inf"],
-)
-def test_choose_batch_validation_leaves_state_unchanged(
-    kernel: ModuleType, container: str, messages: list[tuple[int, float]]
-) -> None:
-    t, twin = _table(kernel), _table(kernel)
-    kinds, ests, out = _batch_inputs(container, messages)
-    with pytest.raises(KernelInputError):
-        t.choose_batch(kinds, ests, out)
-    assert list(out) == [7] * len(messages)
-    assert snapshot(t) == snapshot(twin)
-    assert [t.choose(0, 1.0) for _ in range(4)] == [twin.choose(0, 1.0) for _ in range(4)]
-
-
-@pytest.mark.parametrize("container", CONTAINERS)
-@pytest.mark.parametrize(
-    "lengths", [(3, 2, 3), (2, 3, 3), (3, 3, 2), (3, 3, 4)], ids=lambda x: "-".join(map(str, x))
-)
-def test_choose_batch_rejects_mismatched_lengths(
-    kernel: ModuleType, container: str, lengths: tuple[int, int, int]
-) -> None:
-    t, twin = _table(kernel), _table(kernel)
-    k, e, o = (_batch_inputs(container, [(0, 1.0)] * n)[j] for j, n in enumerate(lengths))
-    with pytest.raises(KernelInputError):
-        t.choose_batch(k, e, o)
-    assert snapshot(t) == snapshot(twin)
-
-
-def test_choose_batch_of_nothing(kernel: ModuleType) -> None:
-    t = _table(kernel)
-    assert t.choose_batch(array.array("i"), array.array("d"), array.array("i")) == 0
-    assert t.choose_batch([], [], []) == 0
-
-
-def test_choose_batch_counts_misses(kernel: ModuleType) -> None:
-    t = _table(kernel)  # only kind 0 is served
-    out = array.array("i", [7] * 4)
-    kinds = array.array("i", [0, 1, 0, 1])
-    assert t.choose_batch(kinds, array.array("d", [1.0] * 4), out, reserve=False) == 2
-    assert out[1] == out[3] == NO_CANDIDATE
-    assert snapshot(t) == snapshot(_table(kernel))  # reserve=False: load untouched
-
-
-# -- hostile inputs: callbacks that mutate the inputs, buffers that overlap ---------------------
-# Validation runs Python code (__float__, __index__, a finaliser), which may shrink a list after
-# its length was checked. The compiled kernel is built with boundscheck off, so these crashed it;
+# -- hostile inputs: callbacks that mutate the inputs --------------------------------------------
+# Python code run while a call is under way (a finaliser) may shrink the costs list after its
+# length was checked. The compiled kernel is built with boundscheck off, so this crashed it;
 # both kernels must raise the reference's IndexError instead.
-
-
-def _shrinking(victim: list[Any], value: Any) -> Any:
-    """An object that empties ``victim`` when the kernel converts it to a number."""
-
-    class Shrinking:
-        def __float__(self) -> float:
-            victim.clear()
-            return float(value)
-
-        def __index__(self) -> int:
-            victim.clear()
-            return int(value)
-
-    return Shrinking()
-
-
-@pytest.mark.parametrize("victim", [0, 7, 8], ids=["queue", "available", "costs"])
-def test_score_survives_an_input_list_shrunk_by_validation(kernel: ModuleType, victim: int) -> None:
-    args = _score_args()
-    costs = [0.0] * 3
-    target = costs if victim == 8 else args[victim]
-    args[2] = [_shrinking(target, 0.1), 0.1, 0.1]  # ewma_req[0], validated after queue[0]
-    with pytest.raises(IndexError):
-        kernel.score(*args, 0, costs)
 
 
 def test_choose_survives_a_costs_list_shrunk_by_a_finaliser(kernel: ModuleType) -> None:
@@ -968,91 +651,6 @@ def test_choose_survives_a_costs_list_shrunk_by_a_finaliser(kernel: ModuleType) 
     costs.extend([EmptiesCostsWhenDropped(), 0.0, 0.0])
     with pytest.raises(IndexError):
         _table(kernel).choose(0, 1.0, costs)
-
-
-@pytest.mark.parametrize("victim", ["kinds", "est_tokens", "out"])
-def test_choose_batch_survives_an_input_list_shrunk_by_validation(
-    kernel: ModuleType, victim: str
-) -> None:
-    tables = []
-    for k in (kernel, _scoring_py):  # ends in the reference's state (out: after one decision)
-        t = _table(k)
-        lists: dict[str, list[Any]] = {"kinds": [0] * 3, "est_tokens": [1.0] * 3, "out": [7] * 3}
-        lists["kinds"][0] = _shrinking(lists[victim], 0)
-        with pytest.raises(IndexError):
-            t.choose_batch(lists["kinds"], lists["est_tokens"], lists["out"])
-        tables.append(t)
-    assert snapshot(tables[0]) == snapshot(tables[1])
-    assert tables[0].choose(0, 1.0) == tables[1].choose(0, 1.0)
-
-
-def test_choose_batch_into_a_read_only_out_fails_like_the_reference(kernel: ModuleType) -> None:
-    tables = []
-    for k in (kernel, _scoring_py):
-        t = _table(k)
-        out = np.full(3, 7, dtype=np.int32)
-        out.flags.writeable = False
-        with pytest.raises(ValueError, match="read-only"):
-            t.choose_batch([0, 0, 0], [1.0] * 3, out)
-        tables.append(t)
-    assert snapshot(tables[0]) == snapshot(tables[1])  # one decision, not reserved
-    assert tables[0].choose(0, 1.0) == tables[1].choose(0, 1.0)
-
-
-def test_choose_batch_with_a_huge_reported_length_raises_memory_error(kernel: ModuleType) -> None:
-    class Huge:
-        """Claims 2**62 elements: m * sizeof(int) wraps to 0 in 64-bit arithmetic."""
-
-        def __len__(self) -> int:
-            return 2**62
-
-        def __getitem__(self, x: int) -> int:
-            return 0
-
-        def __setitem__(self, x: int, value: int) -> None:
-            pass
-
-    with pytest.raises(MemoryError):
-        _table(kernel).choose_batch(Huge(), Huge(), Huge())
-
-
-def _overlapping(case: str, m: int) -> tuple[Any, Any, Any]:
-    """kinds, est_tokens and out for ``m`` kind-0 messages, ``out`` sharing memory with one."""
-    if case == "est_ahead":  # out[x] is the high half of est_tokens[x + 1]
-        ests = np.ones(m + 1, dtype=np.float64)
-        return np.zeros(m, dtype=np.int32), ests[:m], ests.view(np.int32)[3::2]
-    buf = np.zeros(m + 1, dtype=np.int32)
-    views = {
-        "same": (buf[:m], buf[:m]),
-        "out_ahead": (buf[:m], buf[1:]),  # out[x] is kinds[x + 1]
-        "out_behind": (buf[1:], buf[:m]),
-        "reversed": (buf[:m], buf[m - 1 :: -1]),
-    }
-    kinds, out = views[case]
-    return kinds, np.ones(m, dtype=np.float64), out
-
-
-@pytest.mark.parametrize("case", ["same", "out_ahead", "out_behind", "reversed", "est_ahead"])
-def test_choose_batch_with_out_overlapping_an_input_reads_the_inputs_first(
-    kernel: ModuleType, case: str
-) -> None:
-    # Kind 0: candidate 1 for est_tokens 1 (cost 0.5 < 1.1), candidate 0 for a tiny estimate;
-    # kind 1: candidate 0 only. A choice written over an input not yet read changes a decision.
-    t, twin = kernel.ScoreTable(2, 2), kernel.ScoreTable(2, 2)
-    for table in (t, twin):
-        table.set_capability(0, 0, True)
-        table.set_capability(1, 0, True)
-        table.set_capability(0, 1, True)
-        table.set_ewma(0, 0.1, 1.0, 0.0)
-        table.set_ewma(1, 0.5, 0.0, 0.0)
-    kinds, ests, out = _overlapping(case, 4)
-    expected_out = array.array("i", [7] * 4)
-    expected = twin.choose_batch(
-        array.array("i", kinds.tolist()), array.array("d", ests.tolist()), expected_out, False
-    )
-    assert t.choose_batch(kinds, ests, out, False) == expected
-    assert out.tolist() == expected_out.tolist()
-    assert snapshot(t) == snapshot(twin)
 
 
 def test_set_capability_changes_nothing_when_capable_has_no_truth_value(

@@ -10,29 +10,18 @@ import os
 
 from . import _scoring_py
 
-__all__ = (
-    "IMPLEMENTATION",
-    "MAX_COST",
-    "MAX_COUNT",
-    "NO_CANDIDATE",
-    "ScoreTable",
-    "contention",
-    "peak_ewma",
-    "score",
-)
+__all__ = ("IMPLEMENTATION", "NO_CANDIDATE", "ScoreTable")
 
-# Identical in both implementations.
+# The same in both implementations.
 NO_CANDIDATE = _scoring_py.NO_CANDIDATE
-MAX_COUNT = _scoring_py.MAX_COUNT
-MAX_COST = _scoring_py.MAX_COST
 
 if os.environ.get("ZETA_NO_EXTENSIONS", "") not in ("", "0"):
-    from ._scoring_py import ScoreTable, contention, peak_ewma, score
+    from ._scoring_py import ScoreTable
 
     IMPLEMENTATION = "py"
 else:
     try:
-        from ._scoring_c import ScoreTable, contention, peak_ewma, score  # type: ignore[assignment]
+        from ._scoring_c import ScoreTable  # type: ignore[assignment]
     except ImportError as exc:  # pragma: no cover - only on a broken install
         raise ImportError(
             "zeta's compiled scoring kernel (zeta._scoring_c) is missing: reinstall zeta with a C "

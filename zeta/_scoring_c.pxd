@@ -29,9 +29,3 @@ cdef class ScoreTable:
     cdef Py_ssize_t _index(self, object i) except -1
     cdef Py_ssize_t _kind(self, object kind) except -1
     cdef Py_ssize_t _decide(self, Py_ssize_t kind, double est, double* costs) noexcept nogil
-    cdef Py_ssize_t _run_batch(
-        self, const int[:] kinds, const double[:] est_tokens, int[:] out, bint reserve
-    ) noexcept nogil
-    cdef object _choose_batch_generic(
-        self, object kinds, object est_tokens, object out, bint reserve
-    )

@@ -13,9 +13,9 @@ A candidate that cannot serve the kind, or is unavailable (dead, down, mailbox f
 ``inf`` and is never chosen; when no candidate is finite the result is ``NO_CANDIDATE`` (-1).
 The cost of a capable, available candidate saturates at ``MAX_COST`` (the largest float), so
 huge estimates can never make a servable candidate look unservable.
-The cheapest candidate wins. Ties are broken by a rotation: the scan starts at
-``rotation % n`` and only a strictly lower cost replaces the current best. A :class:`ScoreTable`
-starts its rotation at ``seed`` and moves it to just past each decision's winner (or by one when
+The cheapest candidate wins. Ties are broken by a rotation: the scan starts at the table's
+rotation and only a strictly lower cost replaces the current best. A :class:`ScoreTable` starts
+its rotation at ``seed % n`` and moves it to just past each decision's winner (or by one when
 there is none), so equal candidates are chosen in turn, round-robin, even with incapable ones
 between them; a seeded run is reproducible.
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from collections.abc import MutableSequence, Sequence
+from collections.abc import MutableSequence
 
 from ._exceptions import KernelInputError
 
@@ -46,15 +46,7 @@ MAX_COUNT = 2**31 - 1
 MAX_COST = sys.float_info.max
 INF = math.inf
 
-__all__ = [
-    "MAX_COST",
-    "MAX_COUNT",
-    "NO_CANDIDATE",
-    "ScoreTable",
-    "contention",
-    "peak_ewma",
-    "score",
-]
+__all__ = ["MAX_COST", "MAX_COUNT", "NO_CANDIDATE", "ScoreTable"]
 
 _NOT_NUMBERS = (str, bytes, bytearray)
 
@@ -107,15 +99,6 @@ def _contention(u: float, weight: float) -> float:
     return 1.0 + weight * u / (1.0 - u)
 
 
-def contention(util: float, weight: float = 1.0) -> float:
-    """Slowdown factor for a device at utilisation ``util`` (0..1); 1 when idle.
-
-    Raises:
-        KernelInputError: ``util`` outside 0..1, or ``weight`` negative, NaN or infinite.
-    """
-    return _contention(_check("util", util, 1.0), _check("weight", weight))
-
-
 def _peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
     if sample >= old:
         return sample
@@ -125,97 +108,11 @@ def _peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
     return old * w + sample * (1.0 - w)
 
 
-def peak_ewma(old: float, sample: float, dt: float, tau: float) -> float:
-    """One peak-EWMA step: jump up to a new peak at once, decay toward lower samples.
-
-    ``dt`` is the time since the previous sample; ``dt <= 0`` (an out-of-order sample) leaves
-    a higher estimate unchanged.
-
-    Raises:
-        KernelInputError: ``old`` or ``sample`` negative or not finite, ``dt`` not finite, or
-            ``tau`` not finite and > 0.
-    """
-    o = _check("old", old)
-    s = _check("sample", sample)
-    d = _check_real("dt", dt)
-    t = _check("tau", tau)
-    if t <= 0.0:
-        raise KernelInputError(f"tau must be > 0, got {tau!r}")
-    return _peak_ewma(o, s, d, t)
-
-
 def _cost(q: int, f: int, req: float, tok: float, cont: float, pen: float, est: float) -> float:
     """Cost of a capable, available candidate; ``cont`` is its precomputed contention."""
     c = (q + f + 1) * (req + est * tok) * cont + pen
     # Also catches NaN (0 * inf when a huge weight makes contention overflow).
     return c if c <= MAX_COST else MAX_COST
-
-
-def score(
-    queue: Sequence[int],
-    in_flight: Sequence[int],
-    ewma_req: Sequence[float],
-    ewma_tok: Sequence[float],
-    util: Sequence[float],
-    capable: Sequence[int],
-    penalty: Sequence[float],
-    available: Sequence[int],
-    est_tokens: float,
-    rotation: int = 0,
-    costs: MutableSequence[float] | None = None,
-    *,
-    weight: float = 1.0,
-) -> int:
-    """Score one message against ``n`` candidates given as parallel arrays; return the index.
-
-    ``capable`` and ``penalty`` are for the message's kind; ``capable`` and ``available`` are
-    read as truth values. Returns :data:`NO_CANDIDATE` when no candidate is capable and
-    available. If ``costs`` is given, it receives every cost. Every input is validated (in
-    index order) before anything is written to ``costs``.
-
-    Raises:
-        KernelInputError: mismatched lengths, no candidates, or NaN, negative or infinite values.
-    """
-    n = len(queue)
-    arrays = {
-        "in_flight": in_flight, "ewma_req": ewma_req, "ewma_tok": ewma_tok, "util": util,
-        "capable": capable, "penalty": penalty, "available": available,
-    }  # fmt: skip
-    for name, arr in arrays.items():
-        if len(arr) != n:
-            raise KernelInputError(f"{name} has length {len(arr)}, expected {n} (len(queue))")
-    if costs is not None and len(costs) != n:
-        raise KernelInputError(f"costs has length {len(costs)}, expected {n}")
-    if n == 0:
-        raise KernelInputError("no candidates")
-    est = _check("est_tokens", est_tokens)
-    w = _check("weight", weight)
-    start = _check_count("rotation", rotation, None) % n
-    rows = []
-    for i in range(n):
-        rows.append(
-            (
-                _check_count(f"queue[{i}]", queue[i]),
-                _check_count(f"in_flight[{i}]", in_flight[i]),
-                _check(f"ewma_req[{i}]", ewma_req[i]),
-                _check(f"ewma_tok[{i}]", ewma_tok[i]),
-                _contention(_check(f"util[{i}]", util[i], 1.0), w),
-                _check(f"penalty[{i}]", penalty[i]),
-                bool(capable[i]) and bool(available[i]),
-            )
-        )
-    best, best_cost = NO_CANDIDATE, INF
-    for j in range(n):
-        i = start + j
-        if i >= n:
-            i -= n
-        q, f, req, tok, cont, pen, ok = rows[i]
-        c = _cost(q, f, req, tok, cont, pen, est) if ok else INF
-        if costs is not None:
-            costs[i] = c
-        if c < best_cost:
-            best, best_cost = i, c
-    return best
 
 
 class ScoreTable:
@@ -327,13 +224,6 @@ class ScoreTable:
         self._queue[i] = q
         self._in_flight[i] = f
 
-    def add_load(self, i: int, queue: int, in_flight: int) -> None:
-        """Add (possibly negative) deltas to the load; the result must stay in ``0..MAX_COUNT``."""
-        i = self._idx(i)
-        dq = _check_int("queue", queue)
-        df = _check_int("in_flight", in_flight)
-        self.set_load(i, self._queue[i] + dq, self._in_flight[i] + df)
-
     def set_util(self, i: int, util: float) -> None:
         """Set candidate ``i``'s device utilisation (0..1)."""
         i = self._idx(i)
@@ -341,21 +231,12 @@ class ScoreTable:
         self._util[i] = u
         self._cont[i] = _contention(u, self._weight)
 
-    def set_ewma(self, i: int, per_request: float, per_token: float, now: float) -> None:
-        """Overwrite the service-time estimates (a prior, or a calibration result)."""
-        i = self._idx(i)
-        req = _check("per_request", per_request)
-        tok = _check("per_token", per_token)
-        t = _check("now", now)
-        self._req[i] = req
-        self._tok[i] = tok
-        self._stamp[i] = t
-
     def observe(self, i: int, per_request: float, per_token: float, now: float) -> None:
         """Fold one observed service into candidate ``i``'s estimates (peak EWMA).
 
         ``now`` is the observation time; an observation older than the last one (``dt <= 0``)
-        can raise an estimate but never lowers it.
+        can raise an estimate but never lowers it. A candidate's first observation sets its
+        estimates exactly (they start at zero), so observing a prior seeds a new table.
         """
         i = self._idx(i)
         req = _check("per_request", per_request)
@@ -392,18 +273,6 @@ class ScoreTable:
         return self._capable[j], self._penalty[j]
 
     # -- decisions ------------------------------------------------------------------------
-    def cost(self, i: int, kind: int, est_tokens: float) -> float:
-        """Cost of sending one message of ``kind`` to candidate ``i`` (``inf`` if it cannot)."""
-        i = self._idx(i)
-        j = i * self._k + self._kind(kind)
-        est = _check("est_tokens", est_tokens)
-        if not self._capable[j] or not self._available[i]:
-            return INF
-        return _cost(
-            self._queue[i], self._in_flight[i], self._req[i], self._tok[i], self._cont[i],
-            self._penalty[j], est,
-        )  # fmt: skip
-
     def choose(
         self, kind: int, est_tokens: float, costs: MutableSequence[float] | None = None
     ) -> int:
@@ -440,42 +309,3 @@ class ScoreTable:
             for i in range(n):
                 costs[i] = scanned[i]
         return best
-
-    def choose_batch(
-        self,
-        kinds: Sequence[int],
-        est_tokens: Sequence[float],
-        out: MutableSequence[int],
-        reserve: bool = True,
-    ) -> int:
-        """Decide for many messages in order; write each choice into ``out``.
-
-        Equivalent to ``out[x] = choose(kinds[x], est_tokens[x])`` for each ``x``, where, with
-        ``reserve``, each choice adds one to its candidate's queue before the next message is
-        scored (what the router does when it enqueues). Returns how many messages found no
-        candidate. All inputs are validated before any state changes.
-
-        The compiled kernel is fastest with buffers: ``kinds`` and ``out`` int32
-        (``array.array('i')``, ``numpy.int32``), ``est_tokens`` float64 (``array.array('d')``,
-        ``numpy.float64``); any other sequences are accepted too.
-        """
-        m = len(kinds)
-        if len(est_tokens) != m or len(out) != m:
-            raise KernelInputError(
-                f"kinds, est_tokens and out must have equal lengths, got "
-                f"{m}, {len(est_tokens)}, {len(out)}"
-            )
-        ks = [0] * m
-        es = [0.0] * m
-        for x in range(m):
-            ks[x] = self._kind(kinds[x])
-            es[x] = _check(f"est_tokens[{x}]", est_tokens[x])
-        misses = 0
-        for x in range(m):
-            c = self.choose(ks[x], es[x])
-            out[x] = c
-            if c == NO_CANDIDATE:
-                misses += 1
-            elif reserve:
-                self._queue[c] += 1
-        return misses
