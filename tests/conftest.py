@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -16,6 +18,24 @@ from zeta import Outcome, Recorder
 from zeta._snapshot import ActorState, ModelSnapshot, SchedulerSnapshot
 from zeta.telemetry import DeviceReading, DeviceSampler
 from zeta.telemetry._logging import reset_logging
+
+# --- a private cache: generated models, probe verdicts and trust markers live there, not in ~ ---
+_CACHE_ENV = "ZETA_CACHE_DIR"
+_own_cache: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _own_cache
+    if _CACHE_ENV not in os.environ:  # a CI run may point it at a cache it keeps
+        _own_cache = tempfile.mkdtemp(prefix="zeta-test-cache-")
+        os.environ[_CACHE_ENV] = _own_cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _own_cache is not None:
+        shutil.rmtree(_own_cache, ignore_errors=True)
+        os.environ.pop(_CACHE_ENV, None)
+
 
 # --- telemetry fixtures: fresh metrics registry, captured logs, fake NVML, populated scheduler ---
 

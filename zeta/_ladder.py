@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -322,13 +323,46 @@ def write_model(path: str | os.PathLike[str], model: str | LadderModel, *, seed:
         _write_gguf(tmp, m, seed)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+            digest = _sha256(f)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached models are not secrets
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _mark_trusted(digest, dest)
     return dest
+
+
+#: SHA-256 digests of the model files this process wrote; see :func:`is_trusted`.
+_written: set[str] = set()
+
+
+def _sha256(f: BinaryIO) -> str:
+    f.seek(0)
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _trust_marker(digest: str) -> Path:
+    return cache_dir() / "verified" / f"{digest}.trusted"
+
+
+def is_trusted(digest: str) -> bool:
+    """Whether the ladder wrote a file with SHA-256 ``digest``, in this process or (as recorded
+    under :func:`cache_dir`) an earlier one. The llama.cpp backend loads such a file without
+    first probing it in a throwaway process."""
+    return digest in _written or _trust_marker(digest).exists()
+
+
+def _mark_trusted(digest: str, path: Path) -> None:
+    _written.add(digest)
+    with contextlib.suppress(OSError):  # a read-only cache only costs one load probe later
+        marker = _trust_marker(digest)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{path}\n")
 
 
 def _tensor_plan(m: LadderModel) -> Iterator[tuple[str, tuple[int, ...], float | None]]:

@@ -12,14 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ._logging import SENSITIVE_KEYS as SENSITIVE_KEYS
 from ._logging import configure_logging as configure_logging
 from ._logging import get_logger as get_logger
-from ._logging import prompts_logged as prompts_logged
 from ._logging import redact_sensitive as redact_sensitive
 from ._logging import redacting as redacting
 from ._nvml import DeviceReading as DeviceReading
 from ._nvml import NvmlDevices as NvmlDevices
 from ._recorder import LATENCY_BUCKETS as LATENCY_BUCKETS
-from ._recorder import Outcome as Outcome
-from ._recorder import Recorder as Recorder
 from ._recorder import RecorderSnapshot as RecorderSnapshot
 from ._samplers import BusyFractionSampler as BusyFractionSampler
 from ._samplers import DeviceSampler as DeviceSampler
@@ -74,17 +71,14 @@ __all__ = (
     "MetricsServer",
     "MetricsSource",
     "NvmlDevices",
-    "Outcome",
     "ProcessReading",
     "ProcessSampler",
-    "Recorder",
     "RecorderSnapshot",
     "SENSITIVE_KEYS",
     "UtilisationSampler",
     "ZetaCollector",
     "configure_logging",
     "get_logger",
-    "prompts_logged",
     "redact_sensitive",
     "redacting",
     "serve_metrics",

@@ -2,8 +2,8 @@
 
 Every zeta logger goes through stdlib :mod:`logging` (so an application's own handlers see zeta's
 events) and through :func:`redact_sensitive` first, whatever renders the event afterwards.
-Nothing is configured at import; :func:`configure_logging` is the opt-in for applications and the
-CLI that want zeta's own output.
+Nothing is configured at import (the ``zeta`` logger only gets the library's ``NullHandler``);
+:func:`configure_logging` is the opt-in for applications and the CLI that want zeta's own output.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import logging
 import sys
 import traceback
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from json import dumps as _json_dumps
 from typing import Any, TextIO
 
 import structlog
@@ -28,7 +29,6 @@ __all__ = [
     "SENSITIVE_KEYS",
     "configure_logging",
     "get_logger",
-    "prompts_logged",
     "redact_sensitive",
     "redacting",
 ]
@@ -50,7 +50,7 @@ _STRUCTLOG_META = frozenset({"_record", "_from_structlog"})
 #: Strings shorter than this are not scrubbed out of other text: replacing "a" or "ok" everywhere
 #: would destroy messages without protecting anything.
 MIN_SCRUB_LEN = 4
-#: Window for finding fragments of request content (see ``_scrub``).
+#: Shortest fragment of request content that is found anywhere in other text (``_Scrubber``).
 FRAGMENT_LEN = 8
 _SCRUBBED = "[redacted]"
 _MAX_DEPTH = 4  # how deep values (dicts, lists, objects) are searched
@@ -61,10 +61,11 @@ _sensitive_values: contextvars.ContextVar[tuple[str, ...]] = contextvars.Context
     "zeta_sensitive_values", default=()
 )
 
-
-def prompts_logged() -> bool:
-    """Whether :func:`configure_logging` was told ``log_prompts=True`` (off by default)."""
-    return _log_prompts
+# The library convention (logging HOWTO, "Configuring Logging for a Library"): a handler on the
+# ``zeta`` logger keeps stdlib's last-resort handler from printing zeta's warnings to stderr
+# before anything is configured. It prints nothing itself; an application's own (root) handlers
+# still receive every event.
+logging.getLogger("zeta").addHandler(logging.NullHandler())
 
 
 @contextlib.contextmanager
@@ -106,9 +107,6 @@ def _collect(value: object, into: set[str], depth: int = 0) -> None:
     if isinstance(value, str):
         if len(value) >= MIN_SCRUB_LEN:
             into.add(value)
-            escaped = repr(value)[1:-1]  # as it appears inside a repr(): newlines escaped
-            if escaped != value:
-                into.add(escaped)
     elif isinstance(value, bytes):
         _collect(value.decode("utf-8", "replace"), into, depth + 1)
     elif isinstance(value, Mapping):
@@ -217,78 +215,126 @@ def _exception_of(exc_info: object) -> BaseException | None:
     return None
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
-    """Replace each secret in ``text``, and any run of text that is a fragment of one.
+def _quoted_forms(value: str) -> set[str]:
+    """``value`` as it may appear inside other text, itself excluded: in JSON, inside a repr
+    (newlines escaped; ``'`` escaped or not, as the whole string's quotes decide), and inside
+    the repr of a message that holds such a repr (an exception's repr)."""
+    forms = {_json_dumps(value)[1:-1]}
+    layer = {value}
+    for _ in range(2):
+        # repr() escapes ' only in a string that also holds a ": both, whatever surrounds it.
+        layer = {q for v in layer for q in (repr(v)[1:-1], repr(v + "'\"")[1:-4])}
+        forms |= layer
+    forms.discard(value)
+    return forms
 
-    Fragments catch a truncated or partly quoted prompt (``prompt[:40]`` in an error message):
-    windows of :data:`FRAGMENT_LEN` characters are checked at every ``FRAGMENT_LEN``-th offset,
-    so any fragment of at least ``2 * FRAGMENT_LEN - 1`` characters is found, then grown to
-    its full extent. ``secrets`` must be sorted longest first.
+
+#: Characters an escape sequence spans after its backslash, at most (``\U0001f600``).
+_ESCAPE_TAIL = 9
+
+
+def _windows_near_escapes(form: str) -> Iterator[str]:
+    """The windows of a quoted form of a secret that are not windows of the secret itself.
+
+    A window without a backslash that does not start in an escape sequence's tail is copied
+    verbatim from the secret, so only windows holding or just after a backslash are new.
     """
-    if not secrets or not text:
-        return text
-    for s in secrets:
-        if s in text:
-            text = text.replace(s, _SCRUBBED)
-    long = [s for s in secrets if len(s) >= FRAGMENT_LEN]
-    n = len(text)
-    if not long or n < FRAGMENT_LEN:
-        return text
-    spans: list[tuple[int, int]] = []
-    start = 0
-    while start + FRAGMENT_LEN <= n:
-        window = text[start : start + FRAGMENT_LEN]
-        owner = next((s for s in long if window in s), None)
-        if owner is None:
-            start += FRAGMENT_LEN
-            continue
-        a, b = start, start + FRAGMENT_LEN
-        while a > 0 and text[a - 1 : b] in owner:
-            a -= 1
-        while b < n and text[a : b + 1] in owner:
-            b += 1
-        if spans and a <= spans[-1][1]:
-            spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
-        else:
-            spans.append((a, b))
-        start = b
-    if not spans:
-        return text
-    parts, last = [], 0
-    for a, b in spans:
-        parts.append(text[last:a])
-        parts.append(_SCRUBBED)
-        last = b
-    parts.append(text[last:])
-    return "".join(parts)
+    w = FRAGMENT_LEN
+    last = len(form) - w
+    starts: set[int] = set()
+    i = form.find("\\")
+    while i >= 0:
+        starts.update(range(max(0, i - w + 1), min(last, i + _ESCAPE_TAIL) + 1))
+        i = form.find("\\", i + 1)
+    return (form[j : j + w] for j in starts)
 
 
-def _sanitize(value: object, secrets: list[str], depth: int = 0) -> object:
+class _Scrubber:
+    """Removes request content from text: each secret, and every fragment of one.
+
+    A fragment is any run of at least :data:`FRAGMENT_LEN` characters that also occurs in a
+    secret, as is or quoted (a truncated or partly quoted prompt, ``prompt[5:17]!r`` in a
+    backend's error message). Every ``FRAGMENT_LEN``-character window of every secret is indexed
+    once; a window slid over the text at every offset then finds each such run whatever its
+    length and offset, and overlapping hits merge into one redacted span. Work is linear in the
+    total length of the secrets (once per event) plus the length of each text. Secrets shorter
+    than ``FRAGMENT_LEN`` (but at least :data:`MIN_SCRUB_LEN`) are removed only where they occur
+    whole.
+    """
+
+    __slots__ = ("_short", "_windows", "secrets")
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = frozenset(secrets)
+        w = FRAGMENT_LEN
+        short: set[str] = set()
+        windows: set[str] = set()
+        for secret in self.secrets:
+            if len(secret) < w:
+                short.add(secret)
+                short |= _quoted_forms(secret)
+                continue
+            windows.update(secret[i : i + w] for i in range(len(secret) - w + 1))
+            for form in _quoted_forms(secret):
+                windows.update(_windows_near_escapes(form))
+        self._short = tuple(short)
+        self._windows = frozenset(windows)
+
+    def with_secrets(self, more: Iterable[str]) -> _Scrubber:
+        more = set(more) - self.secrets
+        return _Scrubber(self.secrets | more) if more else self
+
+    def __call__(self, text: str) -> str:
+        spans: list[tuple[int, int]] = []
+        for s in self._short:
+            i = text.find(s)
+            while i >= 0:
+                spans.append((i, i + len(s)))
+                i = text.find(s, i + 1)
+        windows, w = self._windows, FRAGMENT_LEN
+        if windows:
+            spans.extend((i, i + w) for i in range(len(text) - w + 1) if text[i : i + w] in windows)
+        if not spans:
+            return text
+        spans.sort()
+        parts: list[str] = []
+        last = 0  # end of the text kept so far
+        start, stop = spans[0]
+        for a, b in spans[1:]:
+            if a <= stop:  # overlapping or touching: one span
+                stop = max(stop, b)
+                continue
+            parts += (text[last:start], _SCRUBBED)
+            last, (start, stop) = stop, (a, b)
+        parts += (text[last:start], _SCRUBBED, text[stop:])
+        return "".join(parts)
+
+
+def _sanitize(value: object, scrub: _Scrubber, depth: int = 0) -> object:
     """Return ``value`` with sensitive fields replaced and known secrets scrubbed from strings."""
     if isinstance(value, str):
-        return _scrub(value, secrets)
+        return scrub(value)
     if value is None or isinstance(value, bool | int | float | enum.Enum) or depth > _MAX_DEPTH:
         return value
     if isinstance(value, BaseException):
         found: set[str] = set()
         with contextlib.suppress(Exception):
             _secrets_in_traceback(value, found)
-        more = sorted(found.union(secrets), key=len, reverse=True)
-        return _scrub(f"{type(value).__name__}: {value}", more)
+        return scrub.with_secrets(found)(f"{type(value).__name__}: {value}")
     if isinstance(value, Mapping):
         return {
-            k: _placeholder(v) if _is_sensitive(k) else _sanitize(v, secrets, depth + 1)
+            k: _placeholder(v) if _is_sensitive(k) else _sanitize(v, scrub, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return type(value)(_sanitize(v, secrets, depth + 1) for v in value)
+        return type(value)(_sanitize(v, scrub, depth + 1) for v in value)
     if isinstance(value, set | frozenset):
-        return [_sanitize(v, secrets, depth + 1) for v in value]
+        return [_sanitize(v, scrub, depth + 1) for v in value]
     attrs = _attributes(value)
     if attrs is not None and any(_is_sensitive(k) for k in attrs):
         # Its repr would print the prompt: render it ourselves with the content redacted.
         inner = ", ".join(
-            f"{k}={_placeholder(v) if _is_sensitive(k) else _sanitize(v, secrets, depth + 1)!r}"
+            f"{k}={_placeholder(v) if _is_sensitive(k) else _sanitize(v, scrub, depth + 1)!r}"
             for k, v in attrs.items()
         )
         return f"{type(value).__name__}({inner})"
@@ -305,7 +351,8 @@ def redact_sensitive(_logger: WrappedLogger, _method: str, event_dict: EventDict
     - renders ``exc_info`` into an ``exception`` string without frame locals;
     - scrubs, from every string left (the exception text included), the content removed above,
       the values registered with :func:`redacting`, and request content found in the locals of
-      the frames the exception passed through.
+      the frames the exception passed through: each whole, and every fragment of
+      :data:`FRAGMENT_LEN` or more characters of one, quoted or not.
     """
     if _log_prompts:
         return event_dict
@@ -326,15 +373,15 @@ def redact_sensitive(_logger: WrappedLogger, _method: str, event_dict: EventDict
             _secrets_in_traceback(active, found)
     if exc is not None:
         exception_text = "".join(traceback.format_exception(exc)).rstrip("\n")
-    secrets = sorted(found, key=len, reverse=True)
+    scrub = _Scrubber(found)
     out: EventDict = {}
     for k, v in event_dict.items():
         if k in _STRUCTLOG_META:
             out[k] = v
         else:
-            out[k] = _placeholder(v) if _is_sensitive(k) else _sanitize(v, secrets)
+            out[k] = _placeholder(v) if _is_sensitive(k) else _sanitize(v, scrub)
     if exception_text is not None:
-        out["exception"] = _scrub(exception_text, secrets)
+        out["exception"] = scrub(exception_text)
     return out
 
 
@@ -356,7 +403,7 @@ def get_logger(name: str) -> Any:
     )
 
 
-class _ZetaHandler(logging.StreamHandler):
+class _ZetaHandler(logging.StreamHandler[TextIO]):
     """The handler :func:`configure_logging` installs; tagged so a second call replaces it."""
 
     def handleError(self, record: logging.LogRecord) -> None:

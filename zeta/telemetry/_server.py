@@ -1,20 +1,19 @@
 """The opt-in metrics HTTP endpoint (Prometheus or OpenMetrics text on ``/metrics``).
 
-It serves from its own daemon threads (prometheus_client's WSGI app on a threading WSGI server),
-so it works the same next to an asyncio or a trio event loop and never blocks it; each scrape
-runs :class:`~zeta.telemetry.ZetaCollector` in a server thread.
+It is prometheus_client's own :func:`~prometheus_client.start_http_server` (a threading WSGI
+server that logs no requests, IPv4 or IPv6 as the address says), serving a registry of zeta's
+rather than the global one. It serves from daemon threads, so it works the same next to an
+asyncio or a trio event loop and never blocks it; each scrape runs
+:class:`~zeta.telemetry.ZetaCollector` in a server thread.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 from types import TracebackType
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry, start_http_server
 
 from ._logging import get_logger
 from ._metrics import DeviceReadingSource, MetricsSource, ZetaCollector
@@ -28,36 +27,6 @@ log = get_logger(__name__)
 DEFAULT_METRICS_HOST = "127.0.0.1"
 #: A port no common exporter claims by default.
 DEFAULT_METRICS_PORT = 9464
-#: How often the server thread checks for shutdown: bounds how long :meth:`MetricsServer.close`
-#: blocks.
-_POLL_S = 0.05
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr for every scrape."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def _start(host: str, port: int, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
-    """Bind (IPv4 or IPv6, as ``host`` says) and serve ``registry`` from a daemon thread."""
-    family, _, _, _, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    server = make_server(
-        str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_QuietHandler
-    )
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": _POLL_S}, name="zeta-metrics",
-        daemon=True,
-    )  # fmt: skip
-    thread.start()
-    return server, thread
 
 
 class MetricsServer:
@@ -72,15 +41,15 @@ class MetricsServer:
     """
 
     def __init__(
-        self, server: Any, thread: threading.Thread, registry: CollectorRegistry,
+        self, server: WSGIServer, thread: threading.Thread, registry: CollectorRegistry,
         collector: ZetaCollector,
     ) -> None:  # fmt: skip
         self._server = server
         self._thread = thread
         self.registry = registry
         self.collector = collector
-        self.host: str = server.server_address[0]
-        self.port: int = server.server_address[1]
+        self.host: str = str(server.server_address[0])
+        self.port: int = int(server.server_address[1])
         self._closed = False
         self._lock = threading.Lock()
 
@@ -92,8 +61,9 @@ class MetricsServer:
     def close(self) -> None:
         """Stop serving, close the socket and unregister the collector. Idempotent.
 
-        Blocks briefly (the server thread's poll interval, and any scrape in progress); from
-        async code use :meth:`aclose`.
+        Blocks for up to the serving thread's poll interval (half a second in prometheus_client;
+        a scrape already under way finishes on its own daemon thread); from async code use
+        :meth:`aclose`.
         """
         with self._lock:
             if self._closed:
@@ -145,7 +115,8 @@ def serve_metrics(
 
     Args:
         source: the scheduler (``recorder`` and ``snapshot()``).
-        host: address to bind; loopback by default. Use ``"0.0.0.0"`` only on a trusted network.
+        host: address to bind, IPv4 or IPv6 (``"::1"``); loopback by default. Use ``"0.0.0.0"``
+            or ``"::"`` only on a trusted network.
         port: TCP port; 0 picks a free one (see :attr:`MetricsServer.port`).
         registry: registry to add the collector to; ``None`` makes a fresh one.
         devices, process: passed to :class:`~zeta.telemetry.ZetaCollector`.
@@ -154,7 +125,8 @@ def serve_metrics(
     collector = ZetaCollector(source, devices=devices, process=process)
     registry.register(collector)
     try:
-        server, thread = _start(host, port, registry)
+        server, thread = start_http_server(port, host, registry)
+        thread.name = "zeta-metrics"  # for thread dumps; the library leaves it "Thread-N"
     except BaseException:
         registry.unregister(collector)
         raise
