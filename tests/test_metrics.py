@@ -17,14 +17,13 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zeta import Kind, ModelSpec, Overloaded
+from zeta import Kind, ModelSpec, Outcome, Overloaded
 from zeta._snapshot import ActorState
 from zeta.telemetry import (
     DEFAULT_METRICS_HOST,
     LATENCY_BUCKETS,
     METRIC_NAMES,
     DeviceSampler,
-    Outcome,
     ZetaCollector,
     serve_metrics,
 )
@@ -115,8 +114,8 @@ def test_names_follow_the_convention(populated_scheduler: Any, metrics_registry:
             r"zeta_(scheduler|supervisor|calibration|actor|gpu|process)_[a-z_]+", name
         )
         assert not re.search(r"_(ms|milliseconds|kb|mb|gb|percent)(_|$)", name), name
-        if kind == "histogram":
-            assert name.endswith("_seconds")
+        if kind == "histogram":  # of seconds, or of a count (sequences per decode step)
+            assert name.endswith("_seconds") or name == "zeta_actor_batch_occupancy", name
     counters = {n for n, k in types.items() if k == "counter"}
     for name, _ in samples_of(text):
         if any(name.startswith(c) for c in counters):
@@ -215,6 +214,45 @@ def test_serve_metrics_binds_loopback_and_closes_cleanly(populated_scheduler: An
     server.close()  # idempotent
     assert set(REGISTRY._names_to_collectors) == before  # the global registry was never touched
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.port), timeout=2):
+        pass
+
+
+def metrics_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "zeta-metrics"]
+
+
+def test_serve_metrics_is_silent_and_stops_its_thread(
+    populated_scheduler: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """No access log line per scrape (nor anything else) on stdout or stderr; close joins."""
+    with serve_metrics(populated_scheduler, port=0) as server:
+        assert server.port != 0  # the port the OS picked, not the 0 asked for
+        assert len(metrics_threads()) == 1
+        for _ in range(3):
+            assert get(server.url)[0] == 200
+    assert metrics_threads() == []
+    assert capfd.readouterr() == ("", "")
+
+
+def ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_serve_metrics_on_ipv6_loopback(populated_scheduler: Any) -> None:
+    with serve_metrics(populated_scheduler, "::1", 0) as server:
+        assert server.host == "::1"
+        assert server.url == f"http://[::1]:{server.port}/metrics"
+        status, _, body = get(server.url)
+        assert status == 200 and "zeta_scheduler_requests_total" in body
+    with pytest.raises(OSError), socket.create_connection(("::1", server.port), timeout=2):
         pass
 
 

@@ -50,11 +50,12 @@ def sim(
     kinds: Sequence[str] = ALL,
     preferred: Sequence[str] = (),
     replicas: int = 1,
+    slots: int = 4,
     **options: Any,
 ) -> ModelSpec:
     return ModelSpec(
-        name, kinds=set(kinds), preferred=set(preferred), replicas=replicas, backend="simulated",
-        options=options,
+        name, kinds=set(kinds), preferred=set(preferred), replicas=replicas, slots=slots,
+        backend="simulated", options=options,
     )  # fmt: skip
 
 
@@ -116,15 +117,15 @@ class Opened:
 
     def __call__(self, spec: ModelSpec, replica: int) -> SimulatedBackend:
         backend = open_backend(spec, replica)
-        inner = backend.complete
+        inner = backend.step
         completions = self.completions
 
-        def complete(params: CompletionParams, on_token: TokenCallback | None = None) -> Completion:
-            result = inner(params, on_token)
-            completions.append(result)
-            return result
+        def step() -> list[tuple[int, Completion]]:
+            ended = inner()
+            completions.extend(completion for _, completion in ended)
+            return ended
 
-        backend.complete = complete  # type: ignore[method-assign]
+        backend.step = step  # type: ignore[method-assign]
         self.backends.append(backend)
         return backend
 
@@ -828,3 +829,58 @@ async def test_sampler_readings_reach_the_kernel() -> None:
 
     async with Scheduler([sim("a"), sim("b")], sampler=Fixed(), sample_interval=0.01) as zs:
         await wait_until(lambda: [m.utilisation for m in zs.snapshot().models] == [0.25, 0.75])
+
+
+# -- continuous batching --------------------------------------------------------------------------
+async def test_requests_in_flight_share_the_slots_of_one_context() -> None:
+    async with Scheduler([sim("m", slots=4, per_output_token_s=0.0005)]) as zs:
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(lambda i=i: zs.complete(f"prompt {i}", max_tokens=20))
+    (m,) = zs.snapshot().models
+    assert m.slots == 4 and m.generated_tokens == 8 * 20 and m.completed == 8
+    assert len(m.steps_by_occupancy) == 4
+    assert m.steps_by_occupancy[3] > 0  # steps decoded four sequences at once
+    # Eight requests of 20 tokens on 4 slots need at least 40 steps, far fewer than 160.
+    assert 40 <= sum(m.steps_by_occupancy) < 160
+
+
+async def test_one_slot_serves_one_request_at_a_time() -> None:
+    async with Scheduler([sim("m", slots=1)]) as zs:
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(lambda i=i: zs.complete(f"prompt {i}", max_tokens=5))
+    (m,) = zs.snapshot().models
+    assert m.steps_by_occupancy == (20,)
+
+
+async def test_a_request_with_a_free_slot_does_not_wait_for_a_long_one() -> None:
+    async with Scheduler([sim("m", slots=2, per_output_token_s=0.001)]) as zs:
+        async with zs.stream("long", max_tokens=100_000) as long:
+            first = await long.__anext__()
+            short = await zs.complete("short", max_tokens=3)
+            assert first and short.completion_tokens == 3
+            assert zs.snapshot().models[0].in_flight == 1  # the long one still runs
+    assert zs.recorder.snapshot().requests[("m", "simple", "cancelled")] == 1
+
+
+async def test_cancelling_one_request_leaves_the_others_in_its_batch_untouched() -> None:
+    async with Scheduler([sim("m", slots=4, per_output_token_s=0.0005)]) as zs:
+        alone = {p: (await zs.complete(p, max_tokens=12)).text for p in ("a", "b", "c")}
+        results: dict[str, str] = {}
+
+        async def run(prompt: str) -> None:
+            results[prompt] = (await zs.complete(prompt, max_tokens=12)).text
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "a")
+            tg.start_soon(run, "b")
+            with anyio.CancelScope() as scope:
+                async with zs.stream("c", max_tokens=10_000) as s:
+                    async for _ in s:
+                        if len(results) == 0:
+                            continue
+                        scope.cancel()
+            tg.start_soon(run, "c")
+    assert results == alone
+    assert zs.snapshot().models[0].in_flight == 0

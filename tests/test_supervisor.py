@@ -31,13 +31,23 @@ FAST = Supervision(backoff_initial_s=0.001, backoff_max_s=0.01, probe_interval_s
 
 
 def sim(
-    name: str, plan: FailurePlan | None = None, preferred: Sequence[str] = (), **options: Any
+    name: str,
+    plan: FailurePlan | None = None,
+    preferred: Sequence[str] = (),
+    slots: int = 1,
+    **options: Any,
 ) -> ModelSpec:
+    """A simulated model; one slot unless asked, so "queued" and "running" are unambiguous."""
     opts = dict(options)
     if plan is not None:
         opts["failures"] = plan
     return ModelSpec(
-        name, kinds=set(ALL), preferred=set(preferred), backend="simulated", options=opts
+        name,
+        kinds=set(ALL),
+        preferred=set(preferred),
+        slots=slots,
+        backend="simulated",
+        options=opts,
     )
 
 
@@ -122,6 +132,47 @@ async def test_queued_requests_move_to_another_model_when_the_actor_dies() -> No
     finally:
         gate.set()
     assert served == ["b", "b", "b"]
+
+
+async def test_a_crash_fails_over_every_request_in_the_slots() -> None:
+    # Four requests decode together on "a"; its context dies after the first token of one of
+    # them. The three that streamed nothing are retried on "b"; the stream that did fails.
+    plan = FailurePlan(script=["ok", "ok", "ok", "midstream"])
+    gate = threading.Event()
+    async with Scheduler(
+        [
+            sim("a", plan, slots=4, gate=gate, per_output_token_s=0.001),
+            sim("b", preferred=["reason"]),
+        ],
+        policy="static",
+        supervision=FAST,
+    ) as zs:
+        served: list[str] = []
+        pieces: list[str] = []
+
+        async def call(prompt: str) -> None:
+            served.append((await zs.complete(prompt, kind="simple", max_tokens=50)).model)
+
+        async def stream() -> None:
+            with pytest.raises(ActorDead):
+                async for piece in zs.stream("story", kind="simple", max_tokens=50):
+                    pieces.append(piece)
+
+        def load() -> tuple[int, int]:
+            a = zs.snapshot().by_model("a")[0]
+            return a.in_flight, a.queue_len
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(call, f"p{i}")
+            # All three are taken into slots at once; their admission waits at the gate.
+            await wait_until(lambda: load() == (3, 0))
+            tg.start_soon(stream)
+            await wait_until(lambda: load() == (3, 1))
+            gate.set()
+    assert served == ["b", "b", "b"] and len(pieces) == 1
+    requests = zs.recorder.snapshot().requests
+    assert requests[("b", "simple", "ok")] == 3 and requests[("a", "simple", "actor_dead")] == 1
 
 
 async def test_a_stream_that_already_produced_pieces_is_not_retried() -> None:
@@ -432,14 +483,14 @@ async def test_a_hung_call_that_resumes_does_not_feed_the_retried_stream() -> No
         from zeta.backends.simulated import open_backend
 
         backend = open_backend(spec, replica)
-        inner = backend.complete
+        inner = backend.step
 
-        def complete(params: CompletionParams, on_token: TokenCallback | None = None) -> Any:
-            result = inner(params, on_token)
-            finished.append((spec.name, result))
-            return result
+        def step() -> list[tuple[int, Completion]]:
+            ended = inner()
+            finished.extend((spec.name, completion) for _, completion in ended)
+            return ended
 
-        backend.complete = complete  # type: ignore[method-assign]
+        backend.step = step  # type: ignore[method-assign]
         factory_calls.append(backend)
         return backend
 

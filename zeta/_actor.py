@@ -13,6 +13,11 @@ workers are available:
 
 Both hand a finished :class:`Job` back through :class:`LoopHandle`, so the actor waits for a call
 the same way with either, and can give up on a hung call without blocking the event loop.
+
+Continuous batching: a context decodes up to ``slots`` requests together. Between decode steps,
+on the event loop, the actor takes queued requests into free slots (mailbox priority order) and
+drops those whose callers left; then one job on the worker runs steps (:func:`run_steps`) until
+a request ends or a newcomer waits for a free slot. Only the worker ever touches the context.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -38,9 +43,14 @@ from ._types import Kind, ModelSpec, Priority
 from .backends._base import (
     Backend,
     BackendFactory,
+    BatchBackend,
     Completion,
     CompletionParams,
     Embedding,
+    EmbedParams,
+    TokenCallback,
+    batched,
+    run_alone,
 )
 
 __all__ = ["ContextFailure", "Job", "ModelActor", "ThreadWorker", "ToThreadWorker"]
@@ -182,21 +192,73 @@ class ToThreadWorker:
 class ContextFailure(Exception):
     """Raised out of :meth:`ModelActor.serve` when its context broke (crashed or hung).
 
-    ``request`` is the request that was running, if any; ``error`` the backend's exception
+    ``requests`` are the requests that were running in it; ``error`` the backend's exception
     (``None`` for a hang).
     """
 
     def __init__(
-        self, request: Request | None, error: BaseException | None, *, hung: bool = False
+        self, requests: Sequence[Request], error: BaseException | None, *, hung: bool = False
     ) -> None:
         what = "hung" if hung else f"failed: {type(error).__name__}"
         super().__init__(what)
-        self.request = request
+        self.requests = tuple(requests)
         self.error = error
         self.hung = hung
 
 
-def _close_quietly(backend_job: Job[Backend]) -> Callable[[], None]:
+class StepControl:
+    """What the loop and the worker share while a step job runs (plain attributes: single loads
+    and stores, safe under the GIL).
+
+    ``wake``: set by the loop when a request waits for a free slot; the worker returns after the
+    current step. ``steps``: bumped by the worker per step, so the hang watchdog sees progress.
+    ``occupancy[k - 1]``: steps run with ``k`` sequences (written by the worker).
+    """
+
+    __slots__ = ("occupancy", "steps", "wake")
+
+    def __init__(self, slots: int) -> None:
+        self.wake = False
+        self.steps = 0
+        self.occupancy = [0] * slots
+
+
+#: What a step job returns: the sequences that ended, and admissions the backend refused.
+StepReport = tuple[list[tuple[int, Completion]], list[tuple[int, Exception]]]
+
+
+def run_steps(
+    backend: BatchBackend,
+    admits: Sequence[tuple[int, CompletionParams, TokenCallback]],
+    cancels: Sequence[int],
+    active: int,
+    control: StepControl,
+) -> StepReport:
+    """On the worker: drop ``cancels``, take ``admits`` into free slots, then step until a
+    sequence ends, the loop asks to stop, or none is left. ``active`` counts the sequences
+    admitted after this call's admissions (refused ones not yet subtracted)."""
+    for seq in cancels:
+        backend.cancel(seq)
+    refused: list[tuple[int, Exception]] = []
+    for seq, params, on_token in admits:
+        try:
+            backend.admit(seq, params, on_token)
+        except (InvalidInputError, BackendError) as exc:  # this request's problem alone
+            refused.append((seq, exc))
+    active -= len(refused)
+    ended: list[tuple[int, Completion]] = []
+    occupancy = control.occupancy
+    while active > 0:
+        ended = backend.step()
+        control.steps += 1
+        if active <= len(occupancy):
+            occupancy[active - 1] += 1
+        if ended or control.wake:
+            break
+    return ended, refused
+
+
+def _close_quietly(backend_job: Job[Backend | BatchBackend]) -> Callable[[], None]:
     """A call that closes the backend ``backend_job`` opened (run on the same worker, after it)."""
 
     def close() -> None:
@@ -239,13 +301,15 @@ class ModelActor:
             capacity, classes=len(Priority), aging_s=aging_s
         )
         self.state = ActorState.STARTING
-        self.in_flight = 0
-        self.current: Request | None = None
+        #: Requests in the context's slots, by sequence key (the request id).
+        self.running: dict[int, Request] = {}
+        #: Sequences the context decodes together (the backend's, once open).
+        self.slots = spec.slots
         self.completed = 0
         self.failed = 0
         self.restarts = 0
         self.busy_s = 0.0
-        self.backend: Backend | None = None
+        self.backend: BatchBackend | None = None
         #: Set when the actor's supervising task has ended (created by :meth:`configure`).
         self.finished: anyio.Event
         self._table = table
@@ -253,7 +317,11 @@ class ModelActor:
         self._clock = clock
         self._on_capacity = on_capacity
         self._worker: Worker | None = None
-        self._open_job: Job[Backend] | None = None
+        self._open_job: Job[Backend | BatchBackend] | None = None
+        self._control = StepControl(self.slots)
+        #: Completion tokens of the requests this actor finished.
+        self.generated_tokens = 0
+        self._prefix_base = (0, 0)
         self._handle: LoopHandle | None = None
         self._make_worker: Callable[[str], Worker] | None = None
         # The call being awaited, and what the hang watchdog last saw of it.
@@ -271,7 +339,7 @@ class ModelActor:
     # -- bookkeeping ------------------------------------------------------------------------
     def _sync(self) -> None:
         n = len(self.mailbox)
-        self._table.set_load(self.index, n, self.in_flight)
+        self._table.set_load(self.index, n, len(self.running))
         self._table.set_available(self.index, self.state is ActorState.READY and n < self.capacity)
 
     def set_state(self, state: ActorState) -> None:
@@ -294,6 +362,8 @@ class ModelActor:
         request.withdraw = self.withdraw
         request.state = RequestState.QUEUED
         request.attempts += 1
+        if len(self.running) < self.slots:
+            self._control.wake = True  # a step job in progress returns, so this one starts
         self._sync()
         return True
 
@@ -324,13 +394,14 @@ class ModelActor:
 
     def snapshot(self) -> ModelSnapshot:
         per_request, per_token = self._table.ewma(self.index)
+        prefix_hits, prefix_tokens_reused = self._prefix_counts()
         return ModelSnapshot(
             name=self.name,
             replica=self.replica,
             device=self.spec.device,
             state=self.state,
             queue_len=len(self.mailbox),
-            in_flight=self.in_flight,
+            in_flight=len(self.running),
             ewma_request_s=per_request,
             ewma_token_s=per_token,
             utilisation=self._table.util(self.index),
@@ -338,10 +409,28 @@ class ModelActor:
             restarts=self.restarts,
             completed=self.completed,
             failed=self.failed,
+            slots=self.slots,
+            generated_tokens=self.generated_tokens,
+            steps_by_occupancy=tuple(self._control.occupancy[: self.slots]),
+            prefix_hits=prefix_hits,
+            prefix_tokens_reused=prefix_tokens_reused,
+        )
+
+    def _prefix_counts(self) -> tuple[int, int]:
+        """Prefix-cache hits and reused tokens over every context this actor has had."""
+        backend, (hits, reused) = self.backend, self._prefix_base
+        return (
+            hits + int(getattr(backend, "prefix_hits", 0)),
+            reused + int(getattr(backend, "prefix_tokens_reused", 0)),
         )
 
     # -- the context ------------------------------------------------------------------------
-    def begin_open(self) -> Job[Backend]:
+    @property
+    def in_flight(self) -> int:
+        """Requests in the context's slots now."""
+        return len(self.running)
+
+    def begin_open(self) -> Job[Backend | BatchBackend]:
         """Start opening a fresh context on a fresh worker; finish with :meth:`finish_open`."""
         assert self._make_worker is not None, "configure() first"
         self.retire_context()
@@ -349,13 +438,18 @@ class ModelActor:
         job = self._open_job = self._worker.submit(partial(self._factory, self.spec, self.replica))
         return job
 
-    async def finish_open(self, job: Job[Backend]) -> None:
+    async def finish_open(self, job: Job[Backend | BatchBackend]) -> None:
         """Wait for the open; on failure retire the worker and raise the factory's error."""
         await job.wait()
         if job.error is not None:
             self.retire_context()
             raise job.error
-        self.backend = job.value
+        assert job.value is not None
+        self.backend = batched(job.value)
+        self.slots = self.backend.slots
+        occupancy = self._control.occupancy
+        if len(occupancy) < self.slots:
+            occupancy.extend([0] * (self.slots - len(occupancy)))
 
     async def open(self) -> None:
         await self.finish_open(self.begin_open())
@@ -365,6 +459,7 @@ class ModelActor:
         worker, job = self._worker, self._open_job
         self._worker = None
         self._open_job = None
+        self._prefix_base = self._prefix_counts()
         self.backend = None
         if worker is None:
             return None
@@ -384,9 +479,9 @@ class ModelActor:
             job: Job[Any] = worker.submit(partial(backend.embed, ["ping"]))
         else:
             params = CompletionParams(prompt="ping", max_tokens=1)
-            job = worker.submit(partial(backend.complete, params))
+            job = worker.submit(partial(run_alone, backend, params))
         if not await self._await_job(job):
-            raise ContextFailure(None, None, hung=True)
+            raise ContextFailure((), None, hung=True)
         if job.error is not None:
             raise job.error
 
@@ -400,16 +495,15 @@ class ModelActor:
         return job.finished
 
     def check_hung(self, now: float, timeout: float) -> bool:
-        """Called by the watchdog: give up on the running call if it made no progress (no
-        token) for ``timeout`` seconds. Keeping this off the per-request path means a call costs
-        no cancel scope and no timer. Returns whether it gave up."""
+        """Called by the watchdog: give up on the running call if it made no progress (no step,
+        no token) for ``timeout`` seconds. Keeping this off the per-request path means a call
+        costs no cancel scope and no timer. Returns whether it gave up."""
         job = self._job
         # ``returned``: the call is over and only waits for a busy event loop to notice.
         if job is None or job.finished or job.returned:
             self._watched = (None, 0, 0.0)
             return False
-        request = self.current
-        progress = request.progress if request is not None else 0
+        progress = self._control.steps + sum(r.progress for r in self.running.values())
         seen_job, seen_progress, since = self._watched
         if job is not seen_job or progress != seen_progress:
             self._watched = (job, progress, now)
@@ -421,70 +515,141 @@ class ModelActor:
 
     # -- the loop ---------------------------------------------------------------------------
     async def serve(self) -> None:
-        """Serve the mailbox until it is closed and empty.
+        """Serve the mailbox until it is closed and empty, decoding up to ``slots`` requests at
+        once.
 
         Raises:
             ContextFailure: the context crashed or hung; the supervisor restarts it.
         """
         mailbox = self.mailbox
         clock = self._clock
-        handle = self._handle
-        assert handle is not None
+        running = self.running
+        control = self._control
         while True:
-            try:
-                request = await mailbox.receive(clock)
-            except anyio.EndOfStream:
-                return
-            now = clock()
-            request.ticket = None
-            was_full = len(mailbox) == self.capacity - 1
-            if request.deadline is not None and now >= request.deadline:
-                request.state = RequestState.NEW
-                self._sync()
-                request.finish(error=DeadlineExceeded(f"request {request.id} expired in the queue"))
-                if was_full:
-                    self._on_capacity()
-                continue
-            request.state = RequestState.RUNNING
-            request.started_at = now
-            self.current = request
-            self.in_flight = 1
+            control.wake = False  # an arrival from now on ends the next step job early
+            if not running:
+                try:
+                    first = await mailbox.receive(clock)
+                except anyio.EndOfStream:
+                    return
+                taken = [first]
+            else:
+                taken = []
+            # Fill the free slots, highest priority first.
+            while len(running) + len(taken) < self.slots and len(mailbox):
+                taken.append(mailbox.pop_nowait(clock()))
+            was_full = len(mailbox) + len(taken) >= self.capacity > len(mailbox)
+            admits = await self._start(taken)
             self._sync()
             if was_full:
                 self._on_capacity()
-            backend, worker = self.backend, self._worker
-            assert backend is not None and worker is not None
+            # Free the slots of requests whose callers left (cancelled, expired, stream closed).
+            cancels = [seq for seq, r in running.items() if r.done or r.abandoned]
+            for seq in cancels:
+                del running[seq]
+            admits = [a for a in admits if a[0] in running]
+            if running or cancels:
+                await self._step(admits, cancels)
+
+    async def _start(
+        self, taken: list[Request]
+    ) -> list[tuple[int, CompletionParams, TokenCallback]]:
+        """Mark requests just taken from the mailbox as running; return the completions'
+        admissions. One that expired while queued fails here and never runs; embeddings run
+        now, one call each, between steps.
+
+        Raises:
+            ContextFailure: an embedding broke the context.
+        """
+        handle = self._handle
+        assert handle is not None
+        admits: list[tuple[int, CompletionParams, TokenCallback]] = []
+        embeds: list[tuple[Request, EmbedParams]] = []
+        for request in taken:
+            request.ticket = None
+            now = self._clock()
+            if request.deadline is not None and now >= request.deadline:
+                request.state = RequestState.NEW
+                request.finish(error=DeadlineExceeded(f"request {request.id} expired in the queue"))
+                continue
+            request.state = RequestState.RUNNING
+            request.started_at = now
             payload = request.payload
             if isinstance(payload, CompletionParams):
-                on_token = request.token_callback(handle)
-                job: Job[Any] = worker.submit(partial(backend.complete, payload, on_token))
+                self.running[request.id] = request
+                admits.append((request.id, payload, request.token_callback(handle)))
             else:
-                job = worker.submit(partial(backend.embed, payload.texts))
-            try:
-                ok = await self._await_job(job)
-            finally:
-                self.in_flight = 0
-                self._sync()
-            if not ok:
-                raise ContextFailure(request, None, hung=True)
-            self.current = None
-            self.busy_s += job.elapsed
-            error = job.error
-            if error is None:
-                self.completed += 1
-                self._succeed(request, job.value, clock())
-            elif isinstance(error, (InvalidInputError, BackendError)):
-                # The call failed but the backend says the context is fine.
+                embeds.append((request, payload))
+        for request, _ in embeds:
+            # Held in ``running`` until settled: if the actor fails or is cancelled meanwhile,
+            # the supervisor settles them too.
+            self.running[request.id] = request
+        for request, payload in embeds:
+            await self._embed(request, payload)
+        return admits
+
+    async def _embed(self, request: Request, payload: EmbedParams) -> None:
+        backend, worker = self.backend, self._worker
+        assert backend is not None and worker is not None
+        self._sync()
+        job = worker.submit(partial(backend.embed, payload.texts))
+        if not await self._await_job(job):
+            raise ContextFailure(list(self.running.values()), None, hung=True)
+        del self.running[request.id]
+        self.busy_s += job.elapsed
+        self._settle(request, job.value, job.error)
+
+    async def _step(
+        self, admits: list[tuple[int, CompletionParams, TokenCallback]], cancels: list[int]
+    ) -> None:
+        """Run one step job: admissions and cancellations, then steps until a request ends."""
+        backend, worker = self.backend, self._worker
+        assert backend is not None and worker is not None
+        job = worker.submit(
+            partial(run_steps, backend, admits, cancels, len(self.running), self._control)
+        )
+        ok = await self._await_job(job)
+        running = self.running
+        if not ok:
+            raise ContextFailure(list(running.values()), None, hung=True)
+        self.busy_s += job.elapsed
+        error = job.error
+        if error is not None:
+            if not isinstance(error, BackendError):
+                raise ContextFailure(list(running.values()), error)
+            # The step failed, the context is fine: every sequence in it was dropped.
+            for request in running.values():
                 self.failed += 1
                 request.finish(error=error)
-            else:
-                self.failed += 1
-                raise ContextFailure(request, error)
+            running.clear()
+            self._sync()
+            return
+        assert job.value is not None
+        ended, refused = job.value
+        for seq, exc in refused:
+            self._settle(running.pop(seq), None, exc)
+        for seq, completion in ended:
+            if seq in running:
+                self._settle(running.pop(seq), completion, None)
+        self._sync()
+
+    def _settle(self, request: Request, value: Any, error: BaseException | None) -> None:
+        if error is None:
+            self.completed += 1
+            self._succeed(request, value, self._clock())
+        elif isinstance(error, (InvalidInputError, BackendError)):
+            # The call failed but the backend says the context is fine.
+            self.failed += 1
+            request.finish(error=error)
+        else:
+            self.failed += 1
+            raise ContextFailure([request, *self.running.values()], error)
 
     def _succeed(self, request: Request, value: Any, now: float) -> None:
         assert request.started_at is not None and request.enqueued_at is not None
         queue_wait = request.started_at - request.enqueued_at
         if isinstance(value, Completion):
+            self.generated_tokens += value.completion_tokens
             decode = value.service_s - value.first_token_s
             per_token = decode / value.completion_tokens if value.completion_tokens else 0.0
             self._observe(value.first_token_s, per_token, now)

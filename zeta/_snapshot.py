@@ -22,6 +22,12 @@ class ModelSnapshot:
 
     ``busy_s`` is the cumulative time spent inside inference calls since the actor was created;
     the busy-fraction sampler derives CPU-model utilisation from its rate of change.
+
+    Batching: ``in_flight`` requests occupy ``in_flight`` of the context's ``slots``.
+    ``steps_by_occupancy[k - 1]`` counts the decode steps run with ``k`` sequences in the batch;
+    ``generated_tokens`` counts completion tokens of finished requests; ``prefix_hits`` and
+    ``prefix_tokens_reused`` count admissions that reused a prompt prefix already in the KV cache
+    and the prompt tokens they did not have to prefill (backends that cache prefixes only).
     """
 
     name: str
@@ -37,6 +43,11 @@ class ModelSnapshot:
     restarts: int
     completed: int
     failed: int
+    slots: int = 1
+    generated_tokens: int = 0
+    steps_by_occupancy: tuple[int, ...] = ()
+    prefix_hits: int = 0
+    prefix_tokens_reused: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from ._request import Request, RequestState
 from ._router import Router
 from ._snapshot import ActorState, SchedulerSnapshot
 from ._types import check_int, check_number
-from .backends._base import CompletionParams, EmbedParams
+from .backends._base import CompletionParams
 from .telemetry._logging import get_logger, redacting
 from .telemetry._recorder import Recorder
 from .telemetry._samplers import UtilisationSampler
@@ -248,9 +248,9 @@ class Supervisor:
                 if not await self._restart(actor, failures):
                     return
         finally:
-            request = actor.current
-            actor.current = None
-            if request is not None:
+            running = list(actor.running.values())
+            actor.running.clear()
+            for request in running:
                 request.finish(error=SchedulerClosed("the scheduler closed while the request ran"))
             actor.retire_context()
             actor.set_state(ActorState.STOPPED)
@@ -259,27 +259,31 @@ class Supervisor:
     def _fail_over(self, actor: ModelActor, failure: ContextFailure) -> None:
         """Mark the actor unavailable and move its requests elsewhere (or fail them)."""
         actor.set_state(ActorState.RESTARTING)
-        actor.current = None
+        actor.running.clear()
         actor.retire_context()
-        request = failure.request
         what = "hung" if failure.hung else "crashed"
-        payload = None if request is None else request.payload
-        texts = payload.texts if isinstance(payload, EmbedParams) else ()
-        prompt = (payload.prompt,) if isinstance(payload, CompletionParams) else ()
-        with redacting(*prompt, *texts):
+        secrets: list[str] = []
+        for request in failure.requests:
+            payload = request.payload
+            if isinstance(payload, CompletionParams):
+                secrets.append(payload.prompt)
+            else:
+                secrets.extend(payload.texts)
+        with redacting(*secrets):
             log.warning(
                 "actor_failed",
                 model=actor.name,
                 replica=actor.replica,
                 hung=failure.hung,
                 error=None if failure.error is None else repr(failure.error),
-                request_id=None if request is None else request.id,
+                request_ids=[r.id for r in failure.requests],
             )
         victims: list[Request] = []
         # A request whose caller already left (cancelled, expired) stays settled: never rerun it.
-        if request is not None and not request.done:
-            request.state = RequestState.NEW
-            victims.append(request)
+        for request in failure.requests:
+            if not request.done:
+                request.state = RequestState.NEW
+                victims.append(request)
         victims.extend(actor.drain())
         for victim in victims:
             if not self.redispatch(victim):

@@ -125,11 +125,15 @@ def parse_kinds(value: object, key: str) -> frozenset[Kind]:
 MODEL_INT_RANGES: Mapping[str, tuple[int, int]] = {
     "quality": (0, 1000),
     "replicas": (1, 64),
+    "slots": (1, 256),
     "n_ctx": (16, 2**24),
     "n_threads": (1, 1024),
     "n_gpu_layers": (-1, 10_000),
     "device": (0, 1024),
 }
+
+#: How many requests one context decodes together unless a model says otherwise.
+DEFAULT_SLOTS = 4
 
 #: The longest model (and backend) name, in characters.
 MAX_NAME_LENGTH = 128
@@ -155,7 +159,11 @@ class ModelSpec:
         quality: quality rank, 0 is best, up to 1000; each rank adds ``quality_penalty`` seconds
             of cost.
         replicas: how many independent contexts (actors) to run, 1 to 64.
-        n_ctx: llama.cpp context length in tokens, 16 to 2**24 (16,777,216).
+        slots: how many requests one context decodes together (continuous batching), 1 to 256;
+            default :data:`DEFAULT_SLOTS`. ``1`` serves one request at a time. Each slot has its
+            own ``n_ctx`` tokens of KV cache, so a context's KV memory grows with its slots.
+        n_ctx: context length of one request (a slot) in tokens, 16 to 2**24 (16,777,216): its
+            prompt plus ``max_tokens`` must fit.
         n_threads: CPU threads per context, 1 to 1024.
         n_gpu_layers: layers to offload to the GPU, 0 to 10000, or -1 for all of them.
         device: GPU index (0 to 1024) the model's layers live on, ``None`` for the CPU.
@@ -174,6 +182,7 @@ class ModelSpec:
     preferred: frozenset[Kind] = frozenset()
     quality: int = 0
     replicas: int = 1
+    slots: int = 4
     n_ctx: int = 2048
     n_threads: int = 1
     n_gpu_layers: int = 0

@@ -1,25 +1,36 @@
 """A simulated backend: blocks a worker thread for a modelled service time, like llama.cpp does.
 
-Service time = ``base_s + per_prompt_token_s * prompt_tokens + per_output_token_s * output_tokens``,
-scaled by a seeded jitter factor drawn once per call. Time is spent in :func:`time.sleep` on the
-calling (worker) thread, so the scheduler sees exactly the blocking behaviour of a real context.
-Embeddings are deterministic vectors derived from a hash of each text.
+It batches like the llama.cpp backend: up to ``spec.slots`` completions are decoded together,
+one token each per :meth:`~SimulatedBackend.step`. A step takes
+
+    prefill + per_output_token_s * (1 + batch_slope * (B - 1))
+
+where ``B`` is the number of sequences in the step and ``prefill`` the prompt cost of those
+still reading their prompt (``base_s`` once, then ``per_prompt_token_s`` per prompt token, in
+chunks of ``prefill_chunk`` tokens per step). A sequence produces its first token in the step
+that finishes its prompt. With one sequence this is the old single-call service time
+``base_s + per_prompt_token_s * prompt_tokens + per_output_token_s * output_tokens``. Each step is
+scaled by a seeded jitter factor. Time is spent in :func:`time.sleep` on the calling (worker)
+thread, so the scheduler sees exactly the blocking behaviour of a real context. Embeddings are
+deterministic vectors derived from a hash of each text.
 
 Failure injection, for tests of the supervisor, comes from a :class:`FailurePlan` in
-``options["failures"]``: each call draws one outcome (``"ok"``, ``"error"``, ``"raise"``, ``"die"``,
+``options["failures"]``: each call (a completion's admission, or an embedding) draws one outcome (``"ok"``, ``"error"``, ``"raise"``, ``"die"``,
 ``"hang"``, ``"midstream"``) from a script and/or probabilities, and each open may fail. A plan object is shared by
 every context opened from the spec, so a script runs across restarts; a mapping in its place builds
 a fresh plan per context.
 
 Options (all optional):
     base_s, per_prompt_token_s, per_output_token_s: service-time model, seconds (default 0).
+    batch_slope: extra step time per extra sequence in a step, relative (default 0.1).
+    prefill_chunk: prompt tokens a sequence reads per step (default 512).
     jitter: relative jitter, the factor is uniform in ``[1 - jitter, 1 + jitter]`` (default 0).
     seed: seeds the jitter (mixed with the replica index) and mapping-built failure plans.
     output_tokens: tokens generated per completion, at most ``max_tokens`` (default: max_tokens).
     embed_dim: length of embedding vectors (default 8).
     load_s: time :func:`open_backend` blocks, as if loading weights (default 0).
-    gate: a :class:`threading.Event`; every call waits for it to be set before doing anything,
-        so a test can hold a context busy deterministically.
+    gate: a :class:`threading.Event`; every call (an admission or an embedding) waits for it to
+        be set before doing anything, so a test can hold a context busy deterministically.
     on_call: ``callable(op, text)`` invoked on the worker thread when a call starts
         (``op`` is ``"complete"`` or ``"embed"``), for tests that trace what ran.
     failures: a :class:`FailurePlan` or a mapping of its fields.
@@ -38,7 +49,7 @@ from dataclasses import dataclass, field
 
 from .._exceptions import BackendError, ConfigError, ModelLoadError
 from .._types import ModelSpec
-from ._base import Completion, CompletionParams, Embedding, TokenCallback
+from ._base import Completion, CompletionParams, Embedding, TokenCallback, run_alone
 
 __all__ = [
     "OUTCOMES",
@@ -172,12 +183,53 @@ def _seconds(options: Mapping[str, object], key: str, default: float = 0.0) -> f
     return float(value)
 
 
+def _positive_int(options: Mapping[str, object], key: str, default: int | None) -> int | None:
+    value = options.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"must be an integer >= 1, got {value!r}", key=f"options.{key}")
+    return value
+
+
 def _count_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
+class _Sequence:
+    """One completion in a simulated context's slots."""
+
+    __slots__ = (
+        "first_token_s", "hash", "midstream", "n_out", "on_token", "pieces", "prefill_left",
+        "prompt_tokens", "start", "started_prefill",
+    )  # fmt: skip
+
+    def __init__(
+        self, params: CompletionParams, on_token: TokenCallback | None, n_out: int, midstream: bool
+    ) -> None:
+        self.start = time.perf_counter()
+        self.on_token = on_token
+        self.prompt_tokens = _count_tokens(params.prompt)
+        self.prefill_left = self.prompt_tokens
+        self.started_prefill = False
+        self.n_out = n_out
+        self.midstream = midstream
+        self.hash = _hash(params.prompt) + params.seed
+        self.pieces: list[str] = []
+        self.first_token_s = 0.0
+
+    def completion(self, finish: str) -> Completion:
+        return Completion(
+            text="".join(self.pieces),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.pieces),
+            finish_reason=finish,
+            first_token_s=self.first_token_s,
+            service_s=time.perf_counter() - self.start,
+        )
+
+
 class SimulatedBackend:
-    """One simulated context. Every method blocks the calling thread, like a llama.cpp context.
+    """One simulated context that batches up to ``spec.slots`` completions. Every method blocks
+    the calling thread, like a llama.cpp context.
 
     ``calls`` holds ``(op, text)`` of the last :data:`TRACE_LEN` calls that started (for tests;
     bounded, so a long benchmark does not keep every prompt alive).
@@ -187,31 +239,20 @@ class SimulatedBackend:
         opts = spec.options
         self.spec = spec
         self.replica = replica
+        self.slots = spec.slots
         self.base_s = _seconds(opts, "base_s")
         self.per_prompt_token_s = _seconds(opts, "per_prompt_token_s")
         self.per_output_token_s = _seconds(opts, "per_output_token_s")
+        self.batch_slope = _seconds(opts, "batch_slope", 0.1)
         self.jitter = _seconds(opts, "jitter")
         if self.jitter >= 1.0:
             raise ConfigError("must be < 1", key="options.jitter")
         seed = opts.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"must be an integer, got {seed!r}", key="options.seed")
-        output_tokens = opts.get("output_tokens")
-        if output_tokens is not None and (
-            isinstance(output_tokens, bool)
-            or not isinstance(output_tokens, int)
-            or output_tokens < 1
-        ):
-            raise ConfigError(
-                f"must be an integer >= 1, got {output_tokens!r}", key="options.output_tokens"
-            )
-        self.output_tokens: int | None = output_tokens
-        embed_dim = opts.get("embed_dim", 8)
-        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ConfigError(
-                f"must be an integer >= 1, got {embed_dim!r}", key="options.embed_dim"
-            )
-        self.embed_dim = embed_dim
+        self.output_tokens: int | None = _positive_int(opts, "output_tokens", None)
+        self.embed_dim: int = _positive_int(opts, "embed_dim", 8) or 8
+        self.prefill_chunk: int = _positive_int(opts, "prefill_chunk", 512) or 512
         gate = opts.get("gate")
         if gate is not None and not isinstance(gate, threading.Event):
             raise ConfigError("must be a threading.Event", key="options.gate")
@@ -224,48 +265,76 @@ class SimulatedBackend:
         self._rng = random.Random(seed * 1_000_003 + replica)
         self._dead = False
         self._closed = False
+        self._seqs: dict[int, _Sequence] = {}
         self.calls: deque[tuple[str, str]] = deque(maxlen=TRACE_LEN)
 
-    # -- the Backend protocol ---------------------------------------------------------------
-    def complete(
-        self, params: CompletionParams, on_token: TokenCallback | None = None
-    ) -> Completion:
-        """Generate deterministic text, sleeping for the modelled prefill and per-token time."""
-        start = time.perf_counter()
+    # -- the BatchBackend protocol ----------------------------------------------------------
+    def admit(self, seq: int, params: CompletionParams, on_token: TokenCallback | None) -> None:
+        """Take a completion into a free slot (its prompt is read by the next steps)."""
+        if len(self._seqs) >= self.slots:
+            raise BackendError(f"{self.spec.name}[{self.replica}]: no free slot")
         midstream = self._enter("complete", params.prompt)
-        prompt_tokens = _count_tokens(params.prompt)
         n_out = (
             params.max_tokens
             if self.output_tokens is None
             else min(self.output_tokens, params.max_tokens)
         )
-        factor = self._factor()
-        _sleep((self.base_s + self.per_prompt_token_s * prompt_tokens) * factor)
-        per_token = self.per_output_token_s * factor
-        first_token_s = 0.0
-        pieces: list[str] = []
-        finish = "length"
-        h = _hash(params.prompt) + params.seed
-        for i in range(n_out):
-            _sleep(per_token)
-            piece = _WORDS[(h + i) % len(_WORDS)] + " "
-            pieces.append(piece)
+        self._seqs[seq] = _Sequence(params, on_token, n_out, midstream)
+
+    def step(self) -> list[tuple[int, Completion]]:
+        """Sleep one modelled step, then give every sequence its next token."""
+        if self._closed:
+            raise SimulatedCrash(f"{self.spec.name}: call on a closed context")
+        if self._dead:
+            raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: context is dead")
+        seqs = self._seqs
+        if not seqs:
+            return []
+        prefill = 0.0
+        for s in seqs.values():
+            if s.prefill_left:
+                chunk = min(self.prefill_chunk, s.prefill_left)
+                prefill += self.per_prompt_token_s * chunk + (
+                    0.0 if s.started_prefill else self.base_s
+                )
+                s.started_prefill = True
+                s.prefill_left -= chunk
+        decoding = sum(1 for s in seqs.values() if not s.prefill_left)
+        step = prefill
+        if decoding:
+            step += self.per_output_token_s * (1.0 + self.batch_slope * (decoding - 1))
+        _sleep(step * self._factor())
+        ended: list[tuple[int, Completion]] = []
+        for key, s in list(seqs.items()):
+            if s.prefill_left:
+                continue
+            i = len(s.pieces)
+            piece = _WORDS[(s.hash + i) % len(_WORDS)] + " "
+            s.pieces.append(piece)
             if i == 0:
-                first_token_s = time.perf_counter() - start
-            if on_token is not None and on_token(piece) is False:
+                s.first_token_s = time.perf_counter() - s.start
+            finish = None
+            if s.on_token is not None and s.on_token(piece) is False:
                 finish = "cancelled"
-                break
-            if midstream:
+            elif s.midstream:
                 self._dead = True
                 raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: died mid-stream")
-        return Completion(
-            text="".join(pieces),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=len(pieces),
-            finish_reason=finish,
-            first_token_s=first_token_s,
-            service_s=time.perf_counter() - start,
-        )
+            elif len(s.pieces) >= s.n_out:
+                finish = "length"
+            if finish is not None:
+                del seqs[key]
+                ended.append((key, s.completion(finish)))
+        return ended
+
+    def cancel(self, seq: int) -> None:
+        """Drop a sequence and free its slot."""
+        self._seqs.pop(seq, None)
+
+    def complete(
+        self, params: CompletionParams, on_token: TokenCallback | None = None
+    ) -> Completion:
+        """Run one completion alone (admit, then step until it ends)."""
+        return run_alone(self, params, on_token)
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         """Deterministic unit vectors, one per text, after the modelled prompt-processing time."""

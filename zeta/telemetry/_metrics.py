@@ -1,7 +1,7 @@
 """Prometheus metrics: a custom collector that reads zeta's snapshots at scrape time.
 
 The request path never touches prometheus_client: the runtime writes plain counters into the
-:class:`~zeta.telemetry.Recorder`, and :class:`ZetaCollector` turns the recorder's snapshot, the
+:class:`~zeta.Recorder`, and :class:`ZetaCollector` turns the recorder's snapshot, the
 scheduler's snapshot, the last GPU readings and psutil's process reading into metric families
 when Prometheus scrapes. Names follow ``zeta_<subsystem>_<name>_<unit>`` in base units; label
 values come only from config (model names, device indices) and enums (kind, outcome, state).
@@ -9,7 +9,7 @@ values come only from config (model names, device indices) and enums (kind, outc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from prometheus_client.core import (
@@ -85,7 +85,23 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge", "Requests waiting in the actor's mailbox.", ("model", "replica"),
     ),
     "zeta_actor_in_flight_requests": (
-        "gauge", "Requests the actor is serving now.", ("model", "replica"),
+        "gauge", "Requests the actor is serving now (its busy slots).", ("model", "replica"),
+    ),
+    "zeta_actor_slots": (
+        "gauge", "Requests the actor's context can decode together.", ("model", "replica"),
+    ),
+    "zeta_actor_batch_occupancy": (
+        "histogram", "Sequences in each decode step of the actor's context.", ("model", "replica"),
+    ),
+    "zeta_actor_generated_tokens": (
+        "counter", "Completion tokens of the requests the actor finished.", ("model", "replica"),
+    ),
+    "zeta_actor_prefix_cache_hits": (
+        "counter", "Admissions that reused a prompt prefix already in the KV cache.",
+        ("model", "replica"),
+    ),
+    "zeta_actor_prefix_cache_reused_tokens": (
+        "counter", "Prompt tokens not prefilled thanks to the prefix cache.", ("model", "replica"),
     ),
     "zeta_actor_ewma_request_seconds": (
         "gauge", "Peak-EWMA estimate of the per-request service time.", ("model", "replica"),
@@ -122,6 +138,12 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 METRIC_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 
 
+def _go_float(value: float) -> str:
+    """A bucket bound as Prometheus writes it (``+Inf``, ``0.5``, ``1.0``)."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
+
+
 def _unit(name: str) -> str:
     for unit in ("seconds", "bytes", "ratio"):
         if name.endswith(f"_{unit}"):
@@ -149,10 +171,28 @@ class _Families:
         assert isinstance(family, CounterMetricFamily | GaugeMetricFamily)
         family.add_metric(list(labels), value)
 
+    def occupancy(self, labels: Iterable[str], steps_by_occupancy: Sequence[int]) -> None:
+        """The batch-occupancy histogram from per-occupancy step counts (buckets 1, 2, 4, ...)."""
+        family = self.families["zeta_actor_batch_occupancy"]
+        assert isinstance(family, HistogramMetricFamily)
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        bound = 1
+        for k, n in enumerate(steps_by_occupancy, start=1):
+            while k > bound:
+                buckets.append((str(bound), float(total)))
+                bound *= 2
+            total += n
+        buckets.append((str(bound), float(total)))
+        buckets.append(("+Inf", float(total)))
+        family.add_metric(
+            list(labels), buckets, float(sum(k * n for k, n in enumerate(steps_by_occupancy, 1)))
+        )
+
     def histogram(self, name: str, labels: Iterable[str], h: Histogram) -> None:
         family = self.families[name]
         assert isinstance(family, HistogramMetricFamily)
-        buckets = [(floatToGoString(bound), float(n)) for bound, n in h.cumulative()]
+        buckets = [(_go_float(bound), float(n)) for bound, n in h.cumulative()]
         family.add_metric(list(labels), buckets, h.sum)
 
 
@@ -251,6 +291,11 @@ class ZetaCollector(Collector):
             labels = (a.name, str(a.replica))
             f.add("zeta_actor_queued_requests", labels, a.queue_len)
             f.add("zeta_actor_in_flight_requests", labels, a.in_flight)
+            f.add("zeta_actor_slots", labels, a.slots)
+            f.occupancy(labels, a.steps_by_occupancy)
+            f.add("zeta_actor_generated_tokens", labels, a.generated_tokens)
+            f.add("zeta_actor_prefix_cache_hits", labels, a.prefix_hits)
+            f.add("zeta_actor_prefix_cache_reused_tokens", labels, a.prefix_tokens_reused)
             f.add("zeta_actor_ewma_request_seconds", labels, a.ewma_request_s)
             f.add("zeta_actor_ewma_token_seconds", labels, a.ewma_token_s)
             f.add("zeta_actor_utilisation_ratio", labels, a.utilisation)

@@ -22,10 +22,13 @@ from .._ladder import make_model as make_model
 from .._ladder import model_path as model_path
 from .._ladder import write_model as write_model
 from ._replay import LatencyStats as LatencyStats
+from ._replay import ModelStats as ModelStats
 from ._replay import ReplayResult as ReplayResult
 from ._replay import ReplaySummary as ReplaySummary
 from ._replay import RequestRecord as RequestRecord
+from ._replay import Submit as Submit
 from ._replay import replay as replay
+from ._replay import submit_arrival as submit_arrival
 from ._replay import summarize as summarize
 from ._replay import warm_up as warm_up
 from ._workloads import Arrival as Arrival
@@ -49,15 +52,18 @@ __all__ = (
     "LADDER",
     "Arrival",
     "LatencyStats",
+    "ModelStats",
     "ReplayResult",
     "ReplaySummary",
     "RequestRecord",
     "SchedulerStateMachine",
+    "Submit",
     "agent_fanout",
     "bursty",
     "replay",
     "scheduler_state_machine",
     "steady",
+    "submit_arrival",
     "summarize",
     "warm_up",
     "LADDER_VERSION",

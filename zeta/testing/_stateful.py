@@ -51,8 +51,8 @@ from .._scheduler import Scheduler
 from .._snapshot import ActorState, SchedulerSnapshot
 from .._supervisor import Supervision
 from .._types import Kind, ModelSpec, Priority
-from ..backends._base import Backend, Completion, CompletionParams, Embedding, TokenCallback
-from ..backends.simulated import SimulatedCrash, open_backend
+from ..backends._base import Completion, CompletionParams, Embedding, TokenCallback
+from ..backends.simulated import SimulatedBackend, SimulatedCrash, open_backend
 from ..telemetry._recorder import Outcome
 from ._replay import outcome_of
 
@@ -69,16 +69,17 @@ def machine_models(gates: dict[str, threading.Event]) -> list[ModelSpec]:
 
     A coder with two replicas and a reasoner (both serve every completion kind, each prefers its
     own), a ``sprinter`` that serves only ``simple`` (so routing a harder kind to it is a visible
-    bug) and an embedder. Calls take a millisecond or two.
+    bug) and an embedder. Coder and reasoner batch 2 and 3 requests per context (continuous
+    batching), the sprinter one. Calls take a millisecond or two.
     """
     shapes = [
-        ("coder", {Kind.SIMPLE, Kind.CODE, Kind.REASON}, {Kind.SIMPLE, Kind.CODE}, 1, 2),
-        ("reasoner", {Kind.SIMPLE, Kind.CODE, Kind.REASON}, {Kind.REASON}, 0, 1),
-        ("sprinter", {Kind.SIMPLE}, {Kind.SIMPLE}, 2, 1),
-        ("embedder", {Kind.EMBED}, {Kind.EMBED}, 0, 1),
+        ("coder", {Kind.SIMPLE, Kind.CODE, Kind.REASON}, {Kind.SIMPLE, Kind.CODE}, 1, 2, 2),
+        ("reasoner", {Kind.SIMPLE, Kind.CODE, Kind.REASON}, {Kind.REASON}, 0, 1, 3),
+        ("sprinter", {Kind.SIMPLE}, {Kind.SIMPLE}, 2, 1, 1),
+        ("embedder", {Kind.EMBED}, {Kind.EMBED}, 0, 1, 2),
     ]
     specs = []
-    for i, (name, kinds, preferred, quality, replicas) in enumerate(shapes):
+    for i, (name, kinds, preferred, quality, replicas, slots) in enumerate(shapes):
         gate = gates.setdefault(name, threading.Event())
         gate.set()
         options: dict[str, object] = {
@@ -96,6 +97,7 @@ def machine_models(gates: dict[str, threading.Event]) -> list[ModelSpec]:
                 preferred=frozenset(preferred),
                 quality=quality,
                 replicas=replicas,
+                slots=slots,
                 backend="simulated",
                 options=options,
             )
@@ -140,7 +142,7 @@ class FaultInjector:
             queue = self._calls.get(model)
             return queue.popleft() if queue else None
 
-    def __call__(self, spec: ModelSpec, replica: int) -> Backend:
+    def __call__(self, spec: ModelSpec, replica: int) -> _FaultyBackend:
         with self._lock:
             fail = self._opens[spec.name] > 0
             if fail:
@@ -151,10 +153,12 @@ class FaultInjector:
 
 
 class _FaultyBackend:
-    """A simulated context that draws injected faults before each call."""
+    """A simulated context (batching ``spec.slots`` requests) that draws injected faults before
+    each call: each admission of a completion, and each embedding."""
 
-    def __init__(self, inner: Backend, faults: FaultInjector) -> None:
+    def __init__(self, inner: SimulatedBackend, faults: FaultInjector) -> None:
         self.spec = inner.spec
+        self.slots = inner.slots
         self._inner = inner
         self._faults = faults
         self._dead = False
@@ -171,11 +175,17 @@ class _FaultyBackend:
         if fault is not None:
             raise SimulatedCrash(f"{name}: injected {fault}")
 
-    def complete(
-        self, params: CompletionParams, on_token: TokenCallback | None = None
-    ) -> Completion:
+    def admit(self, seq: int, params: CompletionParams, on_token: TokenCallback | None) -> None:
         self._check()
-        return self._inner.complete(params, on_token)
+        self._inner.admit(seq, params, on_token)
+
+    def step(self) -> list[tuple[int, Completion]]:
+        if self._dead:
+            raise SimulatedCrash(f"{self.spec.name}: context is dead")
+        return self._inner.step()
+
+    def cancel(self, seq: int) -> None:
+        self._inner.cancel(seq)
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         self._check()
@@ -538,14 +548,15 @@ def _check_snapshot(snap: SchedulerSnapshot, models: Sequence[ModelSpec], capaci
     by_model: Counter[str] = Counter()
     for m in snap.models:
         assert m.queue_len >= 0 and m.in_flight >= 0, m
-        assert m.in_flight <= 1, f"{m.name}[{m.replica}] runs {m.in_flight} calls at once"
+        assert m.in_flight <= m.slots, f"{m.name}[{m.replica}] runs {m.in_flight} > {m.slots}"
         assert m.queue_len <= capacity, f"{m.name}[{m.replica}] holds {m.queue_len} > {capacity}"
         assert m.restarts >= 0 and m.completed >= 0 and m.failed >= 0, m
         assert math.isfinite(m.ewma_request_s) and m.ewma_request_s >= 0.0, m
         assert 0.0 <= m.utilisation <= 1.0, m
         by_model[m.name] += m.in_flight
     for spec in models:
-        assert by_model[spec.name] <= spec.replicas, (spec.name, by_model[spec.name])
+        most = spec.replicas * spec.slots
+        assert by_model[spec.name] <= most, (spec.name, by_model[spec.name])
 
 
 def scheduler_state_machine(
