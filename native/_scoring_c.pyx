@@ -26,20 +26,34 @@ from libc.stdint cimport int64_t
 import operator
 
 from zeta._exceptions import KernelInputError
-from zeta._scoring_py import _check, _check_count
+from zeta._scoring_py import _check, _check_count, _check_slots
 
-__all__ = ["MAX_COST", "MAX_COUNT", "NO_CANDIDATE", "ScoreTable"]
+__all__ = [
+    "DEFAULT_STEP_SLOPE",
+    "MAX_COST",
+    "MAX_COUNT",
+    "MAX_SLOTS",
+    "MAX_STEP_SLOPE",
+    "NO_CANDIDATE",
+    "ScoreTable",
+]
 
 NO_CANDIDATE = -1
 UTIL_CAP = 0.95
 MAX_COUNT = 2**31 - 1
 MAX_COST = DBL_MAX
+MAX_SLOTS = 256
+DEFAULT_STEP_SLOPE = 0.15
+MAX_STEP_SLOPE = 10.0
 
 cdef enum:
     _NO_CANDIDATE = -1
     _MAX_COUNT = 2147483647
+    _MAX_SLOTS = 256
 
 cdef double _UTIL_CAP = 0.95
+cdef double _DEFAULT_STEP_SLOPE = 0.15
+cdef double _MAX_STEP_SLOPE = 10.0
 
 
 # -- scalar kernels (no validation; callers validate) -----------------------------------------
@@ -60,10 +74,14 @@ cdef inline double _peak_ewma(double old, double sample, double dt, double tau) 
     return old * w + sample * (1.0 - w)
 
 
+cdef inline double _step(double slope, int64_t k) noexcept nogil:
+    return 1.0 + slope * <double>(k - 1)
+
+
 cdef inline double _cost(
-    int64_t q, int64_t f, double req, double tok, double cont, double pen, double est
+    double m, double req, double tokg, double cont, double pen, double est
 ) noexcept nogil:
-    cdef double c = <double>(q + f + 1) * (req + est * tok) * cont + pen
+    cdef double c = m * (req + est * tokg) * cont + pen
     if not c <= DBL_MAX:  # inf, or NaN from 0 * inf: saturate, a servable one stays finite
         c = DBL_MAX
     return c
@@ -73,10 +91,9 @@ cdef inline Py_ssize_t _scan(
     Py_ssize_t n,
     Py_ssize_t start,
     Py_ssize_t stride,
-    const int64_t* queue,
-    const int64_t* in_flight,
+    const double* mult,
     const double* req,
-    const double* tok,
+    const double* tokg,
     const double* cont,
     const unsigned char* capable,
     const double* penalty,
@@ -98,7 +115,7 @@ cdef inline Py_ssize_t _scan(
     for j in range(n):
         p = i * stride
         if capable[p] and available[i]:
-            c = _cost(queue[i], in_flight[i], req[i], tok[i], cont[i], penalty[p], est)
+            c = _cost(mult[i], req[i], tokg[i], cont[i], penalty[p], est)
         else:
             c = INFINITY
         if costs != NULL:
@@ -141,6 +158,17 @@ cdef int64_t _count(object value, str name) except -1:
     return _check_count(name, value)
 
 
+cdef int64_t _slot_count(object value) except -1:
+    """Like ``_scoring_py._check_slots``: an integer in ``1..MAX_SLOTS``."""
+    cdef long long ll
+    cdef int overflow = 0
+    if type(value) is int:
+        ll = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow == 0 and 1 <= ll <= _MAX_SLOTS:
+            return ll
+    return _check_slots(value)
+
+
 cdef Py_ssize_t _rotation(object value, str name, Py_ssize_t n) except -1:
     """``value % n`` for an integer ``value >= 0`` of any size."""
     cdef long long ll
@@ -179,7 +207,8 @@ cdef class ScoreTable:
     The router owns one table. Actors update load, availability and service-time estimates in
     place; :meth:`choose` scores all candidates for one message without allocating.
     Capability and penalty are per (candidate, kind) pair, kinds numbered ``0..n_kinds-1``;
-    a new table has every candidate available, idle, with zero estimates and no capabilities.
+    a new table has every candidate available, idle, with zero estimates, one slot, the default
+    step slope and no capabilities.
     All setters validate their input and raise :class:`KernelInputError` before changing state.
     A table is not thread-safe: one owner (the router) mutates it.
     """
@@ -195,27 +224,35 @@ cdef class ScoreTable:
         self._rot = _rotation(seed, "seed", self._n)
         if self._n > (<Py_ssize_t>1 << 40) // self._k:
             raise MemoryError(f"a table of {n} x {n_kinds} candidates and kinds is too large")
-        self._queue = <int64_t*> PyMem_Malloc(2 * self._n * sizeof(int64_t))
-        self._req = <double*> PyMem_Malloc((7 + self._k) * self._n * sizeof(double))
+        self._queue = <int64_t*> PyMem_Malloc(3 * self._n * sizeof(int64_t))
+        self._req = <double*> PyMem_Malloc((10 + self._k) * self._n * sizeof(double))
         self._available = <unsigned char*> PyMem_Malloc((1 + self._k) * self._n)
         if self._queue == NULL or self._req == NULL or self._available == NULL:
             raise MemoryError()
         self._in_flight = self._queue + self._n
+        self._slots = self._queue + 2 * self._n
         self._tok = self._req + self._n
         self._stamp = self._req + 2 * self._n
         self._util = self._req + 3 * self._n
         self._cont = self._req + 4 * self._n
         self._scratch = self._req + 5 * self._n
-        self._penalty = self._req + 6 * self._n
+        self._slope = self._req + 6 * self._n
+        self._mult = self._req + 7 * self._n
+        self._tokg = self._req + 8 * self._n
+        self._penalty = self._req + 9 * self._n
         self._capable = self._available + self._n
         for i in range(self._n):
             self._queue[i] = 0
             self._in_flight[i] = 0
+            self._slots[i] = 1
+            self._slope[i] = _DEFAULT_STEP_SLOPE
             self._req[i] = 0.0
             self._tok[i] = 0.0
             self._stamp[i] = 0.0
             self._util[i] = 0.0
             self._cont[i] = 1.0
+            self._mult[i] = 1.0
+            self._tokg[i] = 0.0
             self._scratch[i] = 0.0
             self._available[i] = 1
         for i in range(self._n * self._k):
@@ -270,6 +307,17 @@ cdef class ScoreTable:
     cdef Py_ssize_t _kind(self, object kind) except -1:
         return _in_range(kind, self._k, "kind")
 
+    cdef void _rebatch(self, Py_ssize_t i) noexcept nogil:
+        """Refresh row ``i``'s ``m`` and ``tokg`` (``_scoring_py._batch``)."""
+        cdef int64_t n = self._queue[i] + self._in_flight[i] + 1
+        cdef int64_t s = self._slots[i]
+        if n > s:  # queued behind a full context: n / s full-batch service times
+            self._mult[i] = <double>n / <double>s
+            self._tokg[i] = self._tok[i] * _step(self._slope[i], s)
+        else:  # a free slot: starts at the next step
+            self._mult[i] = 1.0
+            self._tokg[i] = self._tok[i] * _step(self._slope[i], n)
+
     # -- setters --------------------------------------------------------------------------
     def set_capability(self, i, kind, capable, penalty=0.0):
         """Say whether candidate ``i`` can serve ``kind``, at what extra cost (seconds)."""
@@ -284,12 +332,32 @@ cdef class ScoreTable:
         self._available[self._index(i)] = bool(available)
 
     def set_load(self, i, queue, in_flight):
-        """Set candidate ``i``'s queued and in-flight message counts (``0..MAX_COUNT``)."""
+        """Set candidate ``i``'s mailbox length and busy slots (``0..MAX_COUNT`` each).
+
+        ``in_flight`` is the number of sequences in the context's slots; a count above
+        ``slots(i)`` is accepted and costed like requests queued behind a full context.
+        """
         cdef Py_ssize_t ii = self._index(i)
         cdef int64_t q = _count(queue, "queue")
         cdef int64_t f = _count(in_flight, "in_flight")
         self._queue[ii] = q
         self._in_flight[ii] = f
+        self._rebatch(ii)
+
+    def set_slots(self, i, slots):
+        """Set how many sequences candidate ``i``'s context decodes together (``1..MAX_SLOTS``)."""
+        cdef Py_ssize_t ii = self._index(i)
+        self._slots[ii] = _slot_count(slots)
+        self._rebatch(ii)
+
+    def set_step_slope(self, i, slope):
+        """Set candidate ``i``'s step-time growth per extra busy sequence (``0..MAX_STEP_SLOPE``).
+
+        Estimates already folded in keep the normalisation they were observed with.
+        """
+        cdef Py_ssize_t ii = self._index(i)
+        self._slope[ii] = _number(slope, "step_slope", _MAX_STEP_SLOPE)
+        self._rebatch(ii)
 
     def set_util(self, i, util):
         """Set candidate ``i``'s device utilisation (0..1)."""
@@ -298,31 +366,46 @@ cdef class ScoreTable:
         self._util[ii] = u
         self._cont[ii] = _contention(u, self._weight)
 
-    def observe(self, i, per_request, per_token, now):
+    def observe(self, i, per_request, per_token, now, busy=1):
         """Fold one observed service into candidate ``i``'s estimates (peak EWMA).
 
-        ``now`` is the observation time; an observation older than the last one (``dt <= 0``)
-        can raise an estimate but never lowers it. A candidate's first observation sets its
-        estimates exactly (they start at zero), so observing a prior seeds a new table.
+        ``per_token`` was measured with ``busy`` sequences in the context (a count, clamped to
+        ``1..slots(i)``); it is normalised to one sequence, ``per_token / g(busy)``, before it
+        is folded in. ``now`` is the observation time; an observation older than the last one
+        (``dt <= 0``) can raise an estimate but never lowers it. A candidate's first observation
+        sets its estimates exactly (they start at zero), so observing a prior seeds a new table.
         """
         cdef Py_ssize_t ii = self._index(i)
         cdef double req = _number(per_request, "per_request")
         cdef double tok = _number(per_token, "per_token")
         cdef double t = _number(now, "now")
+        cdef int64_t b = _count(busy, "busy")
+        cdef int64_t s = self._slots[ii]
         cdef double dt = t - self._stamp[ii]
+        tok = tok / _step(self._slope[ii], 1 if b < 1 else s if b > s else b)
         self._req[ii] = _peak_ewma(self._req[ii], req, dt, self._tau)
         self._tok[ii] = _peak_ewma(self._tok[ii], tok, dt, self._tau)
         if t > self._stamp[ii]:
             self._stamp[ii] = t
+        self._rebatch(ii)
 
     # -- getters --------------------------------------------------------------------------
     def load(self, i):
-        """Candidate ``i``'s ``(queue, in_flight)``."""
+        """Candidate ``i``'s ``(queue, in_flight)``: mailbox length and busy slots."""
         cdef Py_ssize_t ii = self._index(i)
         return self._queue[ii], self._in_flight[ii]
 
+    def slots(self, i):
+        """How many sequences candidate ``i``'s context decodes together."""
+        return self._slots[self._index(i)]
+
+    def step_slope(self, i):
+        """Candidate ``i``'s step-time growth per extra busy sequence."""
+        return self._slope[self._index(i)]
+
     def ewma(self, i):
-        """Candidate ``i``'s ``(per_request, per_token)`` service-time estimates (seconds)."""
+        """Candidate ``i``'s ``(per_request, per_token)`` service-time estimates (seconds);
+        ``per_token`` is for one sequence in the context."""
         cdef Py_ssize_t ii = self._index(i)
         return self._req[ii], self._tok[ii]
 
@@ -343,8 +426,8 @@ cdef class ScoreTable:
     cdef Py_ssize_t _decide(self, Py_ssize_t kind, double est, double* costs) noexcept nogil:
         """One decision; moves the rotation to just past the winner (by one if none)."""
         cdef Py_ssize_t best = _scan(
-            self._n, self._rot, self._k, self._queue, self._in_flight, self._req, self._tok,
-            self._cont, self._capable + kind, self._penalty + kind, self._available, est, costs,
+            self._n, self._rot, self._k, self._mult, self._req, self._tokg, self._cont,
+            self._capable + kind, self._penalty + kind, self._available, est, costs,
         )
         cdef Py_ssize_t after = (self._rot if best == _NO_CANDIDATE else best) + 1
         self._rot = after if after < self._n else 0

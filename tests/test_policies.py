@@ -30,13 +30,14 @@ CAPACITY = 9  # so a mailbox fill of (queue + in_flight) / 10 is easy to set
 
 
 def ladder(coder_replicas: int = 1) -> list[ModelSpec]:
+    served = frozenset({Kind.SIMPLE, Kind.CODE, Kind.REASON})
     return [
         ModelSpec(
-            "coder", kinds={"simple", "code", "reason"}, preferred={"simple", "code"},
+            "coder", kinds=served, preferred=frozenset({Kind.SIMPLE, Kind.CODE}),
             replicas=coder_replicas, backend="simulated",
         ),
-        ModelSpec("reasoner", kinds={"simple", "code", "reason"}, preferred={"reason"}, backend="simulated"),
-        ModelSpec("embedder", kinds={"embed"}, backend="simulated"),
+        ModelSpec("reasoner", kinds=served, preferred=frozenset({Kind.REASON}), backend="simulated"),
+        ModelSpec("embedder", kinds=frozenset({Kind.EMBED}), backend="simulated"),
     ]  # fmt: skip
 
 
@@ -134,6 +135,20 @@ def test_threshold_uses_the_rule_model_when_everyone_is_overloaded() -> None:
     assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
 
 
+def test_threshold_counts_a_wait_for_a_slot_not_a_running_batch() -> None:
+    """Four requests decoding together in four slots are not two seconds of backlog: a new one
+    waits for the first of them to finish, a quarter of a full batch's service time."""
+    router, table, rows = setup(ThresholdPolicy(high=0.8, low=0.5, backlog_s=2.0))
+    coder = rows["coder"][0]
+    table.set_slots(coder, 4)
+    table.set_step_slope(coder, 0.0)
+    table.observe(coder, 1.0, 0.0, 0.0)
+    table.set_load(coder, 0, 4)  # with one slot this was 4 s of backlog: spill
+    assert model_of(router, router.choose(req(Kind.CODE))) == "coder"
+    table.set_load(coder, 7, 4)  # 8 ahead, 4 at a time: 2 s to wait
+    assert model_of(router, router.choose(req(Kind.CODE))) == "reasoner"
+
+
 def test_threshold_rejects_bad_marks() -> None:
     with pytest.raises(ConfigError):
         ThresholdPolicy(high=0.5, low=0.6)
@@ -204,6 +219,29 @@ def test_power_of_two_never_takes_the_longer_of_its_pair() -> None:
     assert set(picks) == {b, r}
 
 
+def test_join_shortest_queue_prefers_a_free_slot() -> None:
+    """Three requests in four slots leave one free; one request in one slot leaves none."""
+    router, table, rows = setup(JoinShortestQueuePolicy(), coder_replicas=2)
+    a, b = rows["coder"]
+    table.set_available(rows["reasoner"][0], False)
+    table.set_slots(a, 4)
+    table.set_load(a, 0, 3)
+    table.set_load(b, 0, 1)
+    assert [router.choose(req(Kind.CODE)) for _ in range(3)] == [a, a, a]
+    table.set_load(a, 1, 4)  # full too, and busier per slot: 5 / 4 > 1
+    assert router.choose(req(Kind.CODE)) == b
+
+
+def test_power_of_two_prefers_a_free_slot() -> None:
+    router, table, rows = setup(PowerOfTwoChoicesPolicy(seed=3), coder_replicas=2)
+    a, b = rows["coder"]
+    table.set_available(rows["reasoner"][0], False)
+    table.set_slots(a, 8)
+    table.set_load(a, 2, 5)
+    table.set_load(b, 0, 1)
+    assert {router.choose(req(Kind.CODE)) for _ in range(20)} == {a}
+
+
 def test_power_of_two_is_seeded() -> None:
     def run(seed: int) -> list[int | None]:
         router, _, _ = setup(PowerOfTwoChoicesPolicy(seed=seed), coder_replicas=3)
@@ -222,6 +260,32 @@ def test_peak_ewma_picks_the_lowest_expected_wait() -> None:
     assert router.choose(req(Kind.CODE)) == reasoner
     table.set_load(reasoner, 4, 1)  # 6 * 0.2 = 1.2 > 1.0
     assert router.choose(req(Kind.CODE)) == coder
+
+
+def test_peak_ewma_counts_no_wait_for_a_free_slot() -> None:
+    router, table, rows = setup(PeakEwmaPolicy())
+    coder, reasoner = rows["coder"][0], rows["reasoner"][0]
+    table.observe(coder, 0.5, 0.0, 0.0)
+    table.observe(reasoner, 0.4, 0.0, 0.0)
+    table.set_slots(coder, 4)
+    table.set_load(coder, 0, 3)  # a free slot: 0.5 (with one slot it was 4 * 0.5)
+    table.set_load(reasoner, 0, 1)  # 2 * 0.4 = 0.8
+    assert router.choose(req(Kind.CODE)) == coder
+    table.set_load(coder, 3, 4)  # 8 requests, 4 at a time: 2 * 0.5 = 1.0 > 0.8
+    assert router.choose(req(Kind.CODE)) == reasoner
+
+
+def test_peak_ewma_uses_the_step_time_at_its_occupancy() -> None:
+    router, table, rows = setup(PeakEwmaPolicy())
+    coder, reasoner = rows["coder"][0], rows["reasoner"][0]
+    for i in (coder, reasoner):
+        table.set_slots(i, 4)
+        table.observe(i, 0.0, 0.01, 0.0)  # 10 ms per token at one sequence
+    table.set_step_slope(coder, 0.5)
+    table.set_step_slope(reasoner, 0.1)
+    table.set_load(coder, 0, 2)  # joins at 3 sequences: 16 * 0.01 * 2.0
+    table.set_load(reasoner, 0, 3)  # joins at 4 sequences: 16 * 0.01 * 1.3
+    assert router.choose(req(Kind.CODE)) == reasoner
 
 
 # -- common properties ----------------------------------------------------------------------------
@@ -262,7 +326,12 @@ def test_router_rejects_an_impossible_choice(answer: object) -> None:
     kind=st.sampled_from([Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON]),
     state=st.lists(
         st.tuples(
-            st.integers(0, 9), st.integers(0, 1), st.floats(0, 1), st.booleans(), st.floats(0, 2)
+            st.integers(0, 9),
+            st.integers(0, 8),
+            st.floats(0, 1),
+            st.booleans(),
+            st.floats(0, 2),
+            st.integers(1, 8),
         ),
         min_size=4,
         max_size=4,
@@ -272,11 +341,12 @@ def test_router_rejects_an_impossible_choice(answer: object) -> None:
 def test_every_policy_returns_a_capable_available_candidate_or_none(
     policy_name: str,
     kind: Kind,
-    state: list[tuple[int, int, float, bool, float]],
+    state: list[tuple[int, int, float, bool, float, int]],
     difficulty: float,
 ) -> None:
     router, table, _ = setup(make_policy(policy_name, seed=5), coder_replicas=2)
-    for i, (queue, in_flight, util, available, ewma) in enumerate(state):
+    for i, (queue, in_flight, util, available, ewma, slots) in enumerate(state):
+        table.set_slots(i, slots)
         table.set_load(i, queue, in_flight)
         table.set_util(i, util)
         table.set_available(i, available)

@@ -31,6 +31,9 @@ from zeta._exceptions import KernelInputError
 INF = math.inf
 NO_CANDIDATE = _scoring_py.NO_CANDIDATE
 MAX_COST = _scoring_py.MAX_COST
+MAX_SLOTS = _scoring_py.MAX_SLOTS
+MAX_STEP_SLOPE = _scoring_py.MAX_STEP_SLOPE
+DEFAULT_STEP_SLOPE = _scoring_py.DEFAULT_STEP_SLOPE
 BAD_REALS = [math.nan, -1.0, -1e-300, math.inf, -math.inf, "1.0", None, 10**400]
 BAD_COUNTS = [-1, 1.5, True, 2**31, 10**30, "1", None]
 
@@ -40,16 +43,27 @@ BAD_COUNTS = [-1, 1.5, True, 2**31, 10**30, "1", None]
 
 @dataclass(frozen=True)
 class Candidate:
-    """Everything a table holds about one candidate."""
+    """Everything a table holds about one candidate.
+
+    ``tok`` is the per-token time observed with ``seen_busy`` sequences in the context; the
+    table keeps ``tok / g(seen_busy)``, the time at one sequence (:meth:`tok1`).
+    """
 
     queue: int
     in_flight: int
+    slots: int
+    slope: float
     req: float
     tok: float
+    seen_busy: int
     util: float
     available: bool
     capable: tuple[bool, ...]
     penalty: tuple[float, ...]
+
+    def tok1(self) -> float:
+        busy = min(max(self.seen_busy, 1), self.slots)
+        return self.tok / (1.0 + self.slope * (busy - 1))
 
 
 @dataclass(frozen=True)
@@ -69,10 +83,13 @@ class TableState:
 @st.composite
 def candidates(draw: st.DrawFn, n_kinds: int) -> Candidate:
     return Candidate(
-        queue=draw(st.integers(0, 20)),
+        queue=draw(st.integers(0, 20) | st.just(0)),
         in_flight=draw(st.integers(0, 4)),
+        slots=draw(st.sampled_from([1, 1, 2, 4, 8]) | st.integers(1, MAX_SLOTS)),
+        slope=draw(st.sampled_from([0.0, 0.07, 0.2, DEFAULT_STEP_SLOPE]) | st.floats(0.0, 2.0)),
         req=draw(st.floats(0.0, 5.0)),
         tok=draw(st.floats(0.0, 0.1)),
+        seen_busy=draw(st.integers(0, 10)),
         util=draw(st.floats(0.0, 1.0)),
         available=draw(st.booleans()),
         capable=tuple(draw(st.lists(st.booleans(), min_size=n_kinds, max_size=n_kinds))),
@@ -97,7 +114,10 @@ def build(kernel: ModuleType, state: TableState, *, tau: float = 5.0) -> Any:
     t = kernel.ScoreTable(state.n, state.n_kinds, seed=state.seed, tau=tau, weight=state.weight)
     for i, c in enumerate(state.candidates):
         t.set_load(i, c.queue, c.in_flight)
-        t.observe(i, c.req, c.tok, 0.0)  # a new row's first observation sets it exactly
+        t.set_slots(i, c.slots)
+        t.set_step_slope(i, c.slope)
+        # A new row's first observation sets it exactly (normalised to one sequence).
+        t.observe(i, c.req, c.tok, 0.0, busy=c.seen_busy)
         t.set_util(i, c.util)
         t.set_available(i, c.available)
         for k in range(state.n_kinds):
@@ -110,6 +130,8 @@ def snapshot(t: Any) -> tuple[Any, ...]:
     rows = tuple(
         (
             t.load(i),
+            t.slots(i),
+            t.step_slope(i),
             t.ewma(i),
             t.util(i),
             t.available(i),
@@ -134,13 +156,42 @@ def servable(state: TableState, kind: int) -> list[int]:
     ]  # fmt: skip
 
 
+def formula(
+    queued: int, busy: int, slots: int, slope: float, req: float, tok1: float, util: float,
+    weight: float, penalty: float, est: float,
+) -> float:  # fmt: skip
+    """The documented cost of a servable row, written out as the README states it, independently
+    of both kernels (and of their evaluation order: compare with a tolerance)."""
+
+    def service(k: int) -> float:
+        return req + est * tok1 * (1 + slope * (k - 1))
+
+    k = min(busy + queued + 1, slots)
+    ahead = queued + busy + 1 - slots
+    wait = max(0, ahead) / slots * service(slots)
+    u = min(util, 0.95)
+    return min((wait + service(k)) * (1 + weight * u / (1 - u)) + penalty, MAX_COST)
+
+
 def expected_cost(c: Candidate, kind: int, est: float, weight: float) -> float:
-    """The documented formula, written out independently of both kernels."""
     if not (c.capable[kind] and c.available):
         return INF
-    u = min(c.util, 0.95)
-    cost = (c.queue + c.in_flight + 1) * (c.req + est * c.tok) * (1 + weight * u / (1 - u))
-    return min(cost + c.penalty[kind], MAX_COST)
+    return formula(
+        c.queue, c.in_flight, c.slots, c.slope, c.req, c.tok1(), c.util, weight,
+        c.penalty[kind], est,
+    )  # fmt: skip
+
+
+def table_formula(t: Any, i: int, kind: int, est: float) -> float:
+    """The documented cost of row ``i``, from what the table's getters say."""
+    capable, penalty = t.capability(i, kind)
+    if not (capable and t.available(i)):
+        return INF
+    queued, busy = t.load(i)
+    req, tok1 = t.ewma(i)
+    return formula(
+        queued, busy, t.slots(i), t.step_slope(i), req, tok1, t.util(i), t.weight, penalty, est
+    )
 
 
 kinds_and_estimates = st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 4096.0)), max_size=12)
@@ -178,6 +229,14 @@ st_index = mostly(st.integers(0, 2), st.integers(-1, 7) | st.just(True) | st.jus
 st_kind = mostly(st.integers(0, 2), st.integers(-1, 3) | st.just(True))
 st_real = mostly(st.floats(0.0, 2.0) | odd_reals, invalid_inputs)
 st_count = mostly(st.integers(0, 9) | odd_counts, invalid_inputs | st.integers(-1, 2**31))
+st_slots = mostly(
+    st.integers(1, 8) | st.sampled_from([MAX_SLOTS, np.int64(4), np.uint8(2)]),
+    invalid_inputs | st.sampled_from([0, MAX_SLOTS + 1, np.int64(0), 4.0]),
+)
+st_slope = mostly(
+    st.floats(0.0, 1.0) | st.sampled_from([MAX_STEP_SLOPE, np.float32(0.25), 0]),
+    invalid_inputs | st.sampled_from([MAX_STEP_SLOPE * (1 + 1e-15), 11]),
+)
 
 
 class TwinTables(RuleBasedStateMachine):
@@ -202,7 +261,7 @@ class TwinTables(RuleBasedStateMachine):
     def create(
         self, n: int, n_kinds: int, seed: int, tau: float, weight: float, data: st.DataObject
     ) -> None:
-        """Two identical tables with random capabilities, penalties and priors."""
+        """Two identical tables with random capabilities, penalties, priors, slots and load."""
         cells = [
             (i, k, data.draw(st.booleans()), data.draw(st.floats(0.0, 2.0)))
             for i in range(n)
@@ -211,6 +270,15 @@ class TwinTables(RuleBasedStateMachine):
         priors = [
             (i, data.draw(st.floats(0.0, 2.0)), data.draw(st.floats(0.0, 0.1))) for i in range(n)
         ]
+        batching = [
+            (
+                i,
+                data.draw(st.integers(1, 8)),
+                data.draw(st.integers(0, 3)),
+                data.draw(st.integers(0, 8)),
+            )
+            for i in range(n)
+        ]
         tables = []
         for m in (_scoring_py, _scoring_c):
             t = m.ScoreTable(n, n_kinds, seed=seed, tau=tau, weight=weight)
@@ -218,6 +286,9 @@ class TwinTables(RuleBasedStateMachine):
                 t.set_capability(*cell)
             for i, req, tok in priors:
                 t.observe(i, req, tok, 0.0)
+            for i, slots, queued, busy in batching:
+                t.set_slots(i, slots)
+                t.set_load(i, queued, busy)
             tables.append(t)
         self.tables = (tables[0], tables[1])
 
@@ -242,9 +313,26 @@ class TwinTables(RuleBasedStateMachine):
     def set_util(self, i: Any, util: Any) -> None:
         self.both("set_util", i, util)
 
-    @rule(i=st_index, req=st_real, tok=st_real, now=st.one_of(st.floats(0.0, 100.0), st_real))
-    def observe(self, i: Any, req: Any, tok: Any, now: Any) -> None:
-        self.both("observe", i, req, tok, now)
+    @rule(i=st_index, slots=st_slots)
+    def set_slots(self, i: Any, slots: Any) -> None:
+        self.both("set_slots", i, slots)
+
+    @rule(i=st_index, slope=st_slope)
+    def set_step_slope(self, i: Any, slope: Any) -> None:
+        self.both("set_step_slope", i, slope)
+
+    @rule(
+        i=st_index,
+        req=st_real,
+        tok=st_real,
+        now=st.one_of(st.floats(0.0, 100.0), st_real),
+        busy=st.none() | st_count,
+    )
+    def observe(self, i: Any, req: Any, tok: Any, now: Any, busy: Any) -> None:
+        if busy is None:
+            self.both("observe", i, req, tok, now)
+        else:
+            self.both("observe", i, req, tok, now, busy=busy)
 
     @rule(tau=st.one_of(st.none(), st.floats(0.01, 50.0), st_real), weight=st.none() | st_real)
     def set_params(self, tau: Any, weight: Any) -> None:
@@ -265,6 +353,21 @@ class TwinTables(RuleBasedStateMachine):
     def same_state(self) -> None:
         if self.tables[0] is not None:
             assert snapshot(self.tables[0]) == snapshot(self.tables[1])
+
+    @invariant()
+    def costs_follow_the_formula(self) -> None:
+        """After every step, whatever order the setters ran in: the per-row values a decision
+        reads are current. (A decision moves both tables' rotations alike.)"""
+        py, c = self.tables
+        if py is None:
+            return
+        est = 100.0  # large enough that the per-token term shows
+        for kind in range(py.n_kinds):
+            costs = [[0.0] * py.n, [0.0] * py.n]
+            assert py.choose(kind, est, costs[0]) == c.choose(kind, est, costs[1])
+            assert costs[0] == costs[1]
+            for i in range(py.n):
+                assert costs[0][i] == pytest.approx(table_formula(py, i, kind, est), rel=1e-9)
 
 
 TestTwinTables = TwinTables.TestCase
@@ -306,6 +409,196 @@ def test_costs_follow_the_documented_formula(
         assert costs[i] == pytest.approx(want, rel=1e-12)
 
 
+# -- slots: continuous batching -------------------------------------------------------------
+
+
+def contention(util: float, weight: float) -> float:
+    """The reference's contention, in its order (the tests below compare to the last bit)."""
+    u = min(util, 0.95)
+    return 1.0 + weight * u / (1.0 - u)
+
+
+@given(state=table_states(), kind=st.integers(0, 2), est=st.floats(0.0, 4096.0))
+def test_one_slot_is_the_single_sequence_cost_to_the_last_bit(
+    kernel: ModuleType, state: TableState, kind: int, est: float
+) -> None:
+    """With one slot (a new row's default) the cost is the one before batching, bit for bit,
+    whatever the step slope."""
+    kind %= state.n_kinds
+    t = build(kernel, state)
+    for i in range(state.n):
+        t.set_slots(i, 1)
+    costs = [0.0] * state.n
+    t.choose(kind, est, costs)
+    for i, c in enumerate(state.candidates):
+        if not (c.capable[kind] and c.available):
+            assert costs[i] == INF
+            continue
+        req, tok = t.ewma(i)
+        old = (c.queue + c.in_flight + 1) * (req + est * tok) * contention(c.util, state.weight)
+        assert costs[i] == min(old + c.penalty[kind], MAX_COST)
+
+
+@given(state=table_states(), kind=st.integers(0, 2), est=st.floats(0.0, 4096.0))
+def test_a_free_slot_costs_no_wait(
+    kernel: ModuleType, state: TableState, kind: int, est: float
+) -> None:
+    """A request that finds a free slot starts at the next step: its cost is its own service at
+    the occupancy it joins (the requests queued ahead of it join the same step)."""
+    kind %= state.n_kinds
+    t = build(kernel, state)
+    costs = [0.0] * state.n
+    t.choose(kind, est, costs)
+    for i, c in enumerate(state.candidates):
+        occupancy = c.queue + c.in_flight + 1
+        if not (c.capable[kind] and c.available) or occupancy > c.slots:
+            continue
+        req, tok1 = t.ewma(i)
+        service = req + est * (tok1 * (1.0 + c.slope * (occupancy - 1)))
+        assert costs[i] == service * contention(c.util, state.weight) + c.penalty[kind]
+
+
+@given(
+    slots=st.integers(1, 16),
+    slope=st.floats(0.0, 1.0),
+    req=st.floats(0.0, 5.0),
+    tok=st.floats(0.0, 0.1),
+    util=st.floats(0.0, 1.0),
+    weight=st.floats(0.0, 4.0),
+    penalty=st.floats(0.0, 2.0),
+    est=st.floats(0.0, 4096.0),
+    free=st.tuples(st.integers(0, 16), st.integers(0, 16)),
+    full=st.tuples(st.integers(0, 16), st.integers(0, 16)),
+    seed=st.integers(0, 1),
+)
+def test_with_equal_estimates_a_free_slot_beats_a_full_context(
+    kernel: ModuleType,
+    slots: int,
+    slope: float,
+    req: float,
+    tok: float,
+    util: float,
+    weight: float,
+    penalty: float,
+    est: float,
+    free: tuple[int, int],
+    full: tuple[int, int],
+    seed: int,
+) -> None:
+    """Two rows alike in everything but load: one with a free slot (queued + busy < slots),
+    one without. The free one never costs more, and wins whenever it costs less."""
+    queued, busy = free[0] % slots, free[1] % slots
+    if queued + busy >= slots:
+        queued = slots - 1 - busy
+    t = kernel.ScoreTable(2, 1, seed=seed, weight=weight)
+    for i in range(2):
+        t.set_capability(i, 0, True, penalty)
+        t.set_slots(i, slots)
+        t.set_step_slope(i, slope)
+        t.observe(i, req, tok, 0.0)
+        t.set_util(i, util)
+    t.set_load(0, queued, busy)
+    t.set_load(1, full[0], slots + full[1] - min(full[0], slots))  # queued + busy >= slots
+    costs = [0.0, 0.0]
+    choice = t.choose(0, est, costs)
+    assert costs[0] <= costs[1]
+    if costs[0] < costs[1]:
+        assert choice == 0
+
+
+def test_a_model_with_free_slots_is_not_mistaken_for_a_busy_one(kernel: ModuleType) -> None:
+    """Three of four slots busy: the next request runs at once, at a 4-sequence step time."""
+    t = kernel.ScoreTable(2, 1)
+    for i in range(2):
+        t.set_capability(i, 0, True)
+        t.set_slots(i, 4)
+        t.set_step_slope(i, 0.25)
+        t.observe(i, 0.5, 0.01, 0.0)
+    t.set_load(0, 0, 3)  # a free slot: 0.5 + 100 * 0.01 * 1.75
+    t.set_load(1, 1, 4)  # full, one queued: two ahead, drained 4 per full step
+    costs = [0.0, 0.0]
+    assert [t.choose(0, 100.0, costs) for _ in range(3)] == [0, 0, 0]
+    assert costs[0] == pytest.approx(2.25)
+    assert costs[1] == pytest.approx(6 / 4 * 2.25)
+    t.set_load(0, 0, 0)  # idle: one sequence
+    t.choose(0, 100.0, costs)
+    assert costs[0] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("field", ["queue", "in_flight"], ids=str)
+@given(
+    slots=st.integers(1, MAX_SLOTS),
+    slope=st.floats(0.0, MAX_STEP_SLOPE),
+    req=st.floats(0.0, 5.0),
+    tok=st.floats(0.0, 0.1),
+    est=st.floats(0.0, 4096.0),
+    start=st.integers(0, 300),
+)
+def test_cost_is_non_decreasing_in_queued_and_busy_across_the_slots(
+    kernel: ModuleType,
+    field: str,
+    slots: int,
+    slope: float,
+    req: float,
+    tok: float,
+    est: float,
+    start: int,
+) -> None:
+    """One request at a time, through free slots, the full context and the queue behind it."""
+    t = kernel.ScoreTable(1, 1)
+    t.set_capability(0, 0, True)
+    t.set_slots(0, slots)
+    t.set_step_slope(0, slope)
+    t.observe(0, req, tok, 0.0)
+    costs = [0.0]
+    previous = 0.0
+    for count in range(start, start + slots + 3):
+        if field == "queue":
+            t.set_load(0, count, 1)
+        else:
+            t.set_load(0, 1, count)
+        t.choose(0, est, costs)
+        assert costs[0] >= previous
+        previous = costs[0]
+
+
+@given(
+    slots=st.integers(1, MAX_SLOTS),
+    slope=st.floats(0.0, MAX_STEP_SLOPE),
+    per_request=st.floats(0.0, 1e6),
+    per_token=st.floats(0.0, 10.0),
+    busy=st.integers(0, 2 * MAX_SLOTS),
+)
+def test_observe_normalises_the_per_token_time_to_one_sequence(
+    kernel: ModuleType, slots: int, slope: float, per_request: float, per_token: float, busy: int
+) -> None:
+    t = kernel.ScoreTable(2, 1)
+    t.set_slots(1, slots)
+    t.set_step_slope(1, slope)
+    t.observe(1, per_request, per_token, 3.0, busy=busy)
+    k = min(max(busy, 1), slots)  # clamped to the context's slots
+    assert t.ewma(1) == (per_request, per_token / (1.0 + slope * (k - 1)))
+    # Observed at its own occupancy, a row costs what was measured there.
+    t.set_capability(1, 0, True)
+    t.set_load(1, 0, k - 1)
+    costs = [0.0, 0.0]
+    t.choose(0, 1.0, costs)
+    assert costs[1] == pytest.approx(per_request + per_token, rel=1e-12)
+
+
+def test_observe_at_one_sequence_is_unchanged_and_a_slope_change_keeps_past_estimates(
+    kernel: ModuleType,
+) -> None:
+    t = kernel.ScoreTable(1, 1)
+    t.set_slots(0, 8)
+    t.observe(0, 0.2, 0.03, 1.0)  # busy defaults to 1: taken as is
+    assert t.ewma(0) == (0.2, 0.03)
+    t.set_step_slope(0, 0.5)
+    assert t.ewma(0) == (0.2, 0.03)
+    t.observe(0, 0.2, 0.06, 1.0, busy=3)  # 0.06 / 2 = 0.03 at one sequence: no peak
+    assert t.ewma(0) == (0.2, 0.03)
+
+
 def test_a_servable_candidate_with_an_overflowing_cost_is_still_chosen(kernel: ModuleType) -> None:
     t = kernel.ScoreTable(3, 1, weight=1e308)
     t.set_capability(1, 0, True)
@@ -320,9 +613,14 @@ def test_a_servable_candidate_with_an_overflowing_cost_is_still_chosen(kernel: M
     assert t.choose(0, 4096.0, costs) == 1
     assert costs == [INF, MAX_COST, INF]
 
+    t.set_slots(1, MAX_SLOTS)  # and with the largest step time
+    t.set_step_slope(1, MAX_STEP_SLOPE)
+    assert t.choose(0, 0.0, costs) == 1
+    assert costs == [INF, MAX_COST, INF]
+
 
 @pytest.mark.parametrize(
-    "field", ["queue", "in_flight", "req", "tok", "util", "penalty", "est"], ids=str
+    "field", ["queue", "in_flight", "req", "tok", "slope", "util", "penalty", "est"], ids=str
 )
 @given(
     state=table_states(),
@@ -357,6 +655,8 @@ def test_cost_is_non_decreasing_in_load_estimates_and_utilisation(
         t.set_load(i, c.queue, c.in_flight + int(more))
     elif field in ("req", "tok"):  # a peak: taken at once
         t.observe(i, c.req + more * (field == "req"), c.tok + more * (field == "tok"), 0.0)
+    elif field == "slope":
+        t.set_step_slope(i, min(MAX_STEP_SLOPE, c.slope + more))
     elif field == "util":
         t.set_util(i, min(1.0, c.util + more))
     elif field == "penalty":
@@ -421,7 +721,17 @@ def test_new_table_defaults(kernel: ModuleType) -> None:
     assert t.util(1) == 0.0
     assert t.available(1) is True
     assert t.capability(1, 2) == (False, 0.0)
+    assert t.slots(1) == 1  # one request at a time until the actor says otherwise
+    assert t.step_slope(1) == DEFAULT_STEP_SLOPE
     assert t.choose(0, 1.0) == NO_CANDIDATE  # nothing is capable until told so
+
+
+def test_both_kernels_export_the_same_constants() -> None:
+    for name in _scoring_py.__all__:
+        if name != "ScoreTable":
+            assert getattr(_scoring_c, name) == getattr(_scoring_py, name), name
+    assert sorted(_scoring_c.__all__) == sorted(_scoring_py.__all__)
+    assert (MAX_SLOTS, DEFAULT_STEP_SLOPE) == (256, 0.15)
 
 
 def test_accepts_numpy_scalars(kernel: ModuleType) -> None:
@@ -429,8 +739,12 @@ def test_accepts_numpy_scalars(kernel: ModuleType) -> None:
     t.set_capability(np.int64(1), np.int32(0), np.bool_(True), np.float32(0.5))
     t.set_load(np.int64(1), np.int64(2), np.uint8(1))
     t.set_util(np.int64(1), np.float64(0.25))
+    t.set_slots(np.int64(1), np.uint8(4))
+    t.set_step_slope(np.int64(1), np.float32(0.5))
+    t.observe(np.int64(1), np.float64(0.5), np.float32(0.25), np.int8(1), busy=np.int16(3))
     assert t.choose(np.int64(0), np.float32(8.0)) == 1
     assert t.load(1) == (2, 1)
+    assert (t.slots(1), t.step_slope(1), t.ewma(1)) == (4, 0.5, (0.5, 0.125))
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -440,7 +754,8 @@ def _table(kernel: ModuleType) -> Any:
     t = kernel.ScoreTable(3, 2, seed=1)
     for i in range(3):
         t.set_capability(i, 0, True, 0.1 * i)
-        t.observe(i, 0.2, 0.01, 1.0)
+        t.set_slots(i, i + 1)
+        t.observe(i, 0.2, 0.01, 1.0, busy=i + 1)
         t.set_load(i, i, 1)
     return t
 
@@ -465,8 +780,17 @@ for _bad in BAD_COUNTS:
         (f"queue {_bad!r}", lambda t, b=_bad: t.set_load(0, b, 0)),
         (f"in_flight {_bad!r}", lambda t, b=_bad: t.set_load(0, 0, b)),
     ]
+for _bad in [*BAD_REALS, MAX_STEP_SLOPE * (1 + 1e-15), 11]:
+    BAD_CALLS += [(f"step slope {_bad!r}", lambda t, b=_bad: t.set_step_slope(0, b))]
+for _bad in [0, -1, MAX_SLOTS + 1, True, 1.0, 4.0, None, "1", 2**70, np.int64(0)]:
+    BAD_CALLS += [(f"slots {_bad!r}", lambda t, b=_bad: t.set_slots(0, b))]
+for _bad in BAD_COUNTS:
+    BAD_CALLS += [(f"observe busy {_bad!r}", lambda t, b=_bad: t.observe(0, 0.1, 0.1, 2.0, b))]
 for _bad in [-1, 3, True, 1.0, None, "0", 2**70]:
     BAD_CALLS += [
+        (f"index {_bad!r} slots", lambda t, b=_bad: t.set_slots(b, 2)),
+        (f"index {_bad!r} step slope", lambda t, b=_bad: t.set_step_slope(b, 0.1)),
+        (f"index {_bad!r} slots getter", lambda t, b=_bad: t.slots(b)),
         (f"index {_bad!r}", lambda t, b=_bad: t.set_available(b, False)),
         (f"index {_bad!r} getter", lambda t, b=_bad: t.load(b)),
         (f"index {_bad!r} observe", lambda t, b=_bad: t.observe(b, 0.1, 0.1, 2.0)),

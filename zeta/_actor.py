@@ -322,6 +322,7 @@ class ModelActor:
         #: Completion tokens of the requests this actor finished.
         self.generated_tokens = 0
         self._prefix_base = (0, 0)
+        self._occupancy = 1  # sequences in the step whose results are being settled
         self._handle: LoopHandle | None = None
         self._make_worker: Callable[[str], Worker] | None = None
         # The call being awaited, and what the hang watchdog last saw of it.
@@ -447,6 +448,7 @@ class ModelActor:
         assert job.value is not None
         self.backend = batched(job.value)
         self.slots = self.backend.slots
+        self._table.set_slots(self.index, self.slots)
         occupancy = self._control.occupancy
         if len(occupancy) < self.slots:
             occupancy.extend([0] * (self.slots - len(occupancy)))
@@ -628,9 +630,12 @@ class ModelActor:
         ended, refused = job.value
         for seq, exc in refused:
             self._settle(running.pop(seq), None, exc)
+        # The kernel learns per-token time at the occupancy the request ended in.
+        self._occupancy = max(1, min(len(running), self.slots))
         for seq, completion in ended:
             if seq in running:
                 self._settle(running.pop(seq), completion, None)
+        self._occupancy = 1
         self._sync()
 
     def _settle(self, request: Request, value: Any, error: BaseException | None) -> None:
@@ -692,5 +697,9 @@ class ModelActor:
         # A backend's odd timing (negative, NaN) must not take the actor down via the kernel.
         if math.isfinite(per_request) and math.isfinite(per_token) and math.isfinite(now):
             self._table.observe(
-                self.index, max(0.0, per_request), max(0.0, per_token), max(0.0, now)
+                self.index,
+                max(0.0, per_request),
+                max(0.0, per_token),
+                max(0.0, now),
+                self._occupancy,
             )

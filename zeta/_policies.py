@@ -91,22 +91,55 @@ def eligible(
     return [c.index for c in candidates if kind in c.kinds and table.available(c.index)]
 
 
-def outstanding(table: ScoreTable, i: int) -> int:
-    """Queued plus in-flight requests of candidate ``i``."""
-    queue, in_flight = table.load(i)
-    return queue + in_flight
+def occupancy(table: ScoreTable, i: int) -> float:
+    """Queued plus running requests of candidate ``i`` per slot of its context.
+
+    Below 1 while a slot is free (a request sent there starts at the next step), so a candidate
+    with a free slot always ranks before one without; with one slot it is the outstanding count.
+    """
+    queue, busy = table.load(i)
+    return (queue + busy) / table.slots(i)
+
+
+def _service(table: ScoreTable, i: int, est_tokens: float, k: int) -> float:
+    """Candidate ``i``'s service time for a request of ``est_tokens`` at occupancy ``k``."""
+    per_request, per_token = table.ewma(i)
+    return per_request + est_tokens * per_token * (1.0 + table.step_slope(i) * (k - 1))
+
+
+def slot_wait(table: ScoreTable, i: int, est_tokens: float) -> float:
+    """Seconds a new request would wait for a slot of candidate ``i``: none while one is free;
+    otherwise each request ahead of it adds a full context's service time over its slots (the
+    kernel's wait term)."""
+    queue, busy = table.load(i)
+    slots = table.slots(i)
+    ahead = queue + busy + 1 - slots
+    return ahead / slots * _service(table, i, est_tokens, slots) if ahead > 0 else 0.0
+
+
+def expected_completion(table: ScoreTable, i: int, est_tokens: float) -> float:
+    """Wait plus service of a new request at candidate ``i``: the kernel's cost without
+    contention and penalties (its evaluation order, so with one slot it is
+    ``(outstanding + 1) * expected service``)."""
+    queue, busy = table.load(i)
+    slots = table.slots(i)
+    n = queue + busy + 1
+    if n > slots:
+        return n / slots * _service(table, i, est_tokens, slots)
+    return _service(table, i, est_tokens, n)
 
 
 def backlog_load(table: ScoreTable, c: Candidate, est_tokens: float, backlog_s: float) -> float:
     """How loaded one candidate is, in ``[0, 1]``, from its live queue (no sampled signal).
 
-    The larger of its mailbox fill and its expected backlog (outstanding requests times its
-    service-time estimate for a request of ``est_tokens``) over ``backlog_s`` seconds.
+    The larger of its fill (queued plus running requests over mailbox capacity plus slots) and
+    its backlog (:func:`slot_wait` for a request of ``est_tokens``) over ``backlog_s`` seconds.
+    A batch running in the slots is not a backlog: only requests that keep a new one from a
+    slot count.
     """
-    n = outstanding(table, c.index)
-    per_request, per_token = table.ewma(c.index)
-    backlog = n * (per_request + est_tokens * per_token)
-    return min(1.0, max(n / (c.capacity + 1), backlog / backlog_s))
+    queue, busy = table.load(c.index)
+    fill = (queue + busy) / (c.capacity + table.slots(c.index))
+    return min(1.0, max(fill, slot_wait(table, c.index, est_tokens) / backlog_s))
 
 
 def _primary_models(kind: Kind, candidates: Sequence[Candidate]) -> tuple[str, ...]:
@@ -164,7 +197,8 @@ class StaticPolicy:
 
     With the usual configuration (coder prefers simple and code, embedder prefers embed, reasoner
     prefers reason) that is: simple/chat -> coder, code -> coder, embed -> embedder,
-    reason -> reasoner. Among the chosen model's replicas the least loaded wins. When that model
+    reason -> reasoner. Among the chosen model's replicas the least loaded (:func:`occupancy`)
+    wins. When that model
     is full or down the request is not placed (no spill), which is what makes it a baseline.
     """
 
@@ -194,7 +228,7 @@ class StaticPolicy:
     ) -> int | None:
         models = self.primary(request.kind, candidates)
         keyed = [
-            (float(outstanding(table, c.index)), c.index)
+            (occupancy(table, c.index), c.index)
             for c in candidates
             if c.model in models and request.kind in c.kinds and table.available(c.index)
         ]
@@ -205,7 +239,7 @@ class ThresholdPolicy:
     """The fixed rules plus overload spill with hysteresis.
 
     A model is *overloaded* once its load (mean over available replicas of
-    :func:`backlog_load`: the larger of mailbox fill and expected backlog over ``backlog_s``)
+    :func:`backlog_load`: the larger of fill and the wait for a slot over ``backlog_s``)
     exceeds ``high``, and stays so until it falls below ``low``. The load is read from the live
     queue and service-time estimates, not from sampled utilisation: a sampled reading lags a
     burst by a sampling interval, and on a shared device it is the same for every model on it.
@@ -221,7 +255,7 @@ class ThresholdPolicy:
         high: load above which a model starts spilling (0..1).
         low: load below which it stops (0..high).
         max_spill_difficulty: hardest ``reason`` request that may go to a non-reasoning model.
-        backlog_s: expected backlog (seconds of queued work) that counts as fully loaded.
+        backlog_s: wait for a slot (seconds of work ahead) that counts as fully loaded.
     """
 
     name = "threshold"
@@ -356,7 +390,8 @@ class RoundRobinPolicy:
 
 
 class JoinShortestQueuePolicy:
-    """Baseline: the capable, available candidate with the fewest queued plus in-flight requests."""
+    """Baseline: the capable, available candidate with the fewest queued plus running requests
+    per slot (:func:`occupancy`), so one with a free slot beats one without."""
 
     name = "jsq"
 
@@ -366,12 +401,13 @@ class JoinShortestQueuePolicy:
     def choose(
         self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
     ) -> int | None:
-        keyed = [(float(outstanding(table, i)), i) for i in eligible(request, table, candidates)]
+        keyed = [(occupancy(table, i), i) for i in eligible(request, table, candidates)]
         return self._rotation.pick_min(keyed)
 
 
 class PowerOfTwoChoicesPolicy:
-    """Baseline: sample two capable, available candidates at random, take the shorter queue.
+    """Baseline: sample two capable, available candidates at random, take the less occupied
+    (:func:`occupancy`: queued plus running requests per slot).
 
     Seeded, so a run is reproducible.
     """
@@ -388,13 +424,15 @@ class PowerOfTwoChoicesPolicy:
         if len(pool) <= 1:
             return pool[0] if pool else None
         a, b = self._rng.sample(pool, 2)
-        return b if outstanding(table, b) < outstanding(table, a) else a
+        return b if occupancy(table, b) < occupancy(table, a) else a
 
 
 class PeakEwmaPolicy:
-    """Baseline: Finagle's peak-EWMA balancer, ``(outstanding + 1) * expected service time``.
+    """Baseline: Finagle's peak-EWMA balancer, expected wait plus service time.
 
-    Uses the kernel's peak-EWMA estimates but ignores utilisation and preference penalties.
+    Uses the kernel's peak-EWMA estimates and slot model (:func:`expected_completion`; with one
+    slot that is ``(outstanding + 1) * expected service time``) but ignores utilisation and
+    preference penalties.
     """
 
     name = "peak_ewma"
@@ -405,11 +443,10 @@ class PeakEwmaPolicy:
     def choose(
         self, request: RouteRequest, table: ScoreTable, candidates: Sequence[Candidate]
     ) -> int | None:
-        keyed = []
-        for i in eligible(request, table, candidates):
-            per_request, per_token = table.ewma(i)
-            expected = per_request + request.est_tokens * per_token
-            keyed.append(((outstanding(table, i) + 1) * expected, i))
+        est = request.est_tokens
+        keyed = [
+            (expected_completion(table, i, est), i) for i in eligible(request, table, candidates)
+        ]
         return self._rotation.pick_min(keyed)
 
 
