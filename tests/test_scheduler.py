@@ -37,7 +37,7 @@ from zeta import (
     Scoring,
     Supervision,
 )
-from zeta.backends._base import Completion, CompletionParams, TokenCallback
+from zeta.backends._base import Completion
 from zeta.backends.simulated import FailurePlan, SimulatedBackend, open_backend
 
 pytestmark = pytest.mark.anyio

@@ -21,7 +21,7 @@ from zeta import (
     Scheduler,
     Supervision,
 )
-from zeta.backends._base import Completion, CompletionParams, TokenCallback
+from zeta.backends._base import Completion
 from zeta.backends.simulated import FailurePlan, SimulatedCrash
 
 pytestmark = pytest.mark.anyio
