@@ -1,167 +1,463 @@
-"""zeta vs calling llama-cpp-python directly, on generated ladder models.
+"""Continuous batching on llama.cpp: zeta against one request at a time and a bare batched loop.
 
-``python -m bench llama [--models coder-tiny,coder] [--requests N] [--tokens T] [--rounds R]
-[--seed S] [--json]``
+``python -m bench llama [--tiny] [--models coder,reasoner] [--in-flight 1,4,8,16] [--waves W]
+[--tokens T] [--slots S|in-flight] [--rounds R] [--threads N] [--llama-server PATH] [--seed S]
+[--json]``
 
-The same seeded prompts (greedy, exactly T tokens each) go through four contenders, one model
-file, one thread each, in the same process, interleaved round by round so drift on a shared
-machine hits all of them alike:
+For each ladder model and each level N of requests in flight, N callers each send W requests one
+after another (greedy, exactly T tokens each, seeded prompts of 16 to 40 words) to each
+contender, one model file and one llama.cpp thread each, all in this process:
 
-* ``llama_cpp.Llama``: the high-level llama-cpp-python API, one ``create_completion`` at a time
-  (the baseline: what an application would call without zeta);
-* ``zeta backend``: zeta's llama.cpp backend called directly, no scheduler;
-* ``zeta c=1``: ``Scheduler.complete``, one request at a time (every request pays the routing,
-  the mailbox and the thread hop with nothing to overlap them);
-* ``zeta c=8``: eight requests in flight, the way an agent fleet would use it.
+* ``zeta``: ``Scheduler.complete`` on a context of S slots (default 16; ``--slots in-flight``
+  gives S = N), which decodes up to S requests together;
+* ``zeta slots=1``: the same scheduler on a one-slot context: one request at a time;
+* ``bare loop``: llama.cpp's C API driven directly, no scheduler, no streaming, no text: one
+  ``llama_decode`` per step over the N sequences, each refilled with the caller's next prompt as
+  it ends, greedy. The same context layout as zeta's (unified KV, ``n_ctx`` cells per sequence)
+  at the same batch size: the ceiling;
+* ``llama-server -np N`` (optional): llama.cpp's own server with N slots, over HTTP, when a
+  binary is on ``PATH`` or given with ``--llama-server``; skipped otherwise.
 
-Reported: generated tokens per second (median over rounds) and zeta's overhead, ``1 -
-zeta / baseline``, against ``llama_cpp.Llama`` (target: at most 3% on the smallest coder) and
-against zeta's own backend (the scheduler's share alone).
+Rounds interleave: every round runs every contender at every level, in an order rotated per
+round, so drift on a shared machine hits all of them alike. Each round uses fresh prompts, so no
+contender finds the last round's prompts in its cache. Reported per level: generated tokens per
+second (median, and min-max over rounds), p50 and p99 request latency (over every round's
+requests), and the ratios zeta / (zeta slots=1) and zeta / (bare loop), paired within each round
+(median and min-max).
+
+Targets: at 8 in flight, zeta at least 3x slots=1 on the coder and 4.5x on the reasoner, and at
+least 85% of the bare loop; at 1 in flight, within 3% of slots=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
+import shutil
+import socket
 import statistics
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from zeta import Kind, ModelSpec
-from zeta.backends import CompletionParams
-from zeta.backends.llama_cpp import open_backend
-from zeta.testing import ladder_spec
+from zeta import Kind, ModelSpec, Outcome, Priority, Scheduler
+from zeta.backends.llama_cpp import _llama
+from zeta.testing import LatencyStats, RequestRecord, ladder_spec
 
 WORDS = "def return value data model import class self list dict the answer because".split()
+ZETA, SINGLE, BARE, SERVER = "zeta", "zeta slots=1", "bare loop", "llama-server"
 
 
 def prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(24)) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(16, 40))) for _ in range(n)]
 
 
-def run_llama(llm: Any, ps: Sequence[str], tokens: int) -> int:
-    total = 0
-    for p in ps:
-        out = llm.create_completion(p, max_tokens=tokens, temperature=0.0)
-        total += out["usage"]["completion_tokens"]
-    return total
+@dataclass
+class Run:
+    """One contender at one level in one round."""
+
+    seconds: float
+    tokens: int
+    latencies: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
 
-def run_backend(backend: Any, ps: Sequence[str], tokens: int) -> int:
-    return sum(
-        backend.complete(CompletionParams(p, max_tokens=tokens)).completion_tokens for p in ps
-    )
+async def drive(call: Callable[[str], Awaitable[int]], work: Sequence[Sequence[str]]) -> Run:
+    """Closed loop: one caller per entry of ``work``, each sending its prompts one by one."""
+    latencies: list[float] = []
+    tokens = 0
 
+    async def caller(mine: Sequence[str]) -> None:
+        nonlocal tokens
+        for prompt in mine:
+            t0 = time.perf_counter()
+            n = await call(prompt)  # not ``tokens += await ...``: that reads tokens before
+            tokens += n
+            latencies.append(time.perf_counter() - t0)
 
-async def run_scheduler(zs: Any, ps: Sequence[str], tokens: int, concurrency: int) -> int:
-    total = 0
-    limiter = anyio.Semaphore(concurrency)
-
-    async def one(p: str) -> None:
-        nonlocal total
-        async with limiter:
-            result = await zs.complete(p, kind=Kind.CODE, max_tokens=tokens)
-            total += result.completion_tokens
-
-    async with anyio.create_task_group() as tg:
-        for p in ps:
-            tg.start_soon(one, p)
-    return total
-
-
-def timed(fn: Callable[[], int]) -> tuple[float, int]:
     t0 = time.perf_counter()
-    n = fn()
-    return time.perf_counter() - t0, n
+    async with anyio.create_task_group() as tg:
+        for mine in work:
+            tg.start_soon(caller, mine)
+    return Run(time.perf_counter() - t0, tokens, latencies)
 
 
-def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from llama_cpp import Llama
+# -- the bare loop ----------------------------------------------------------------------------
 
-    from zeta._scheduler import Scheduler
 
-    spec: ModelSpec = ladder_spec(
-        name, name="coder", n_threads=args.threads, n_ctx=512, kinds=frozenset({Kind.CODE})
-    )
-    assert spec.path is not None
-    ps = prompts(args.requests, args.seed)
-    llm = Llama(
-        spec.path, n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
-    )
-    backend = open_backend(spec, 0)
-    rates: dict[str, list[float]] = {"llama_cpp.Llama": [], "zeta backend": [], "zeta c=1": []}
-    rates[f"zeta c={args.concurrency}"] = []
-    expected = args.requests * args.tokens
+class BareLoop:
+    """N sequences decoded together by llama.cpp's C API, refilled as they end: no scheduler."""
 
-    def record(label: str, seconds: float, n: int) -> None:
-        if n != expected:
-            raise SystemExit(f"{label}: generated {n} tokens, expected {expected}")
-        rates[label].append(n / seconds)
+    def __init__(self, spec: ModelSpec, n_seq: int) -> None:
+        lib = self.lib = _llama()  # zeta's loader: llama.cpp's log goes to Python logging
+        assert spec.path is not None
+        mparams = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(os.fsencode(spec.path), mparams)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = spec.n_ctx * n_seq
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True
+        cparams.n_batch = cparams.n_ubatch = self.n_batch = max(512, n_seq)
+        cparams.n_threads = cparams.n_threads_batch = spec.n_threads
+        cparams.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.model or not self.ctx:
+            raise SystemExit(f"bare loop: llama.cpp could not open {spec.path}")
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.greedy = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        lib.llama_sampler_chain_add(self.greedy, lib.llama_sampler_init_greedy())
 
-    async def scheduled() -> None:
-        async with Scheduler(models=[spec], policy="dynamic") as zs:
-            await run_scheduler(zs, ps[:2], args.tokens, 1)  # warm up
-            run_llama(llm, ps[:2], args.tokens)
-            run_backend(backend, ps[:2], args.tokens)
-            for _ in range(args.rounds):
-                record("llama_cpp.Llama", *timed(lambda: run_llama(llm, ps, args.tokens)))
-                record("zeta backend", *timed(lambda: run_backend(backend, ps, args.tokens)))
-                for c in (1, args.concurrency):
-                    t0 = time.perf_counter()
-                    n = await run_scheduler(zs, ps, args.tokens, c)
-                    record(f"zeta c={c}", time.perf_counter() - t0, n)
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        buf = (self.lib.llama_token * (len(data) + 8))()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), True, False)
+        return list(buf[:n])
 
-    try:
-        anyio.run(scheduled)
-    finally:
-        backend.close()
-        llm.close()
-    tps = {label: statistics.median(v) for label, v in rates.items()}
-    base, own = tps["llama_cpp.Llama"], tps["zeta backend"]
+    def run(self, work: Sequence[Sequence[list[int]]], tokens: int) -> Run:
+        """Each sequence ``i`` runs ``work[i]``'s prompts one after another, ``tokens`` each."""
+        lib, batch, ctx = self.lib, self.batch, self.ctx
+        lib.llama_memory_clear(self.mem, True)
+        queues = [list(mine) for mine in work]
+        # Per sequence: prompt, prompt tokens fed, tokens generated, next token, start, logits row
+        seqs: list[list[Any]] = [[q.pop(0), 0, 0, -1, 0.0, -1] for q in queues]
+        latencies: list[float] = []
+        generated = 0
+        t0 = time.perf_counter()
+        for s in seqs:
+            s[4] = t0
+        active = set(range(len(seqs)))
+        while active:
+            n = 0
+            for i in active:  # one token for each decoding sequence
+                s = seqs[i]
+                if s[3] >= 0:
+                    pos = len(s[0]) + s[2] - 1
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = s[3], pos, 1
+                    batch.seq_id[n][0], batch.logits[n] = i, 1
+                    s[5] = n
+                    n += 1
+            for i in active:  # prompt tokens for the others, as many as the batch takes
+                s = seqs[i]
+                prompt, fed = s[0], s[1]
+                while s[3] < 0 and fed < len(prompt) and n < self.n_batch:
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = prompt[fed], fed, 1
+                    batch.seq_id[n][0], batch.logits[n] = i, fed == len(prompt) - 1
+                    if fed == len(prompt) - 1:
+                        s[5] = n
+                    fed += 1
+                    n += 1
+                s[1] = fed
+            batch.n_tokens = n
+            if lib.llama_decode(ctx, batch) != 0:
+                raise SystemExit("bare loop: llama_decode failed")
+            now = time.perf_counter()
+            for i in list(active):
+                s = seqs[i]
+                if s[5] < 0:
+                    continue
+                s[3] = lib.llama_sampler_sample(self.greedy, ctx, s[5])
+                s[5] = -1
+                s[2] += 1
+                generated += 1
+                if s[2] == tokens:
+                    latencies.append(now - s[4])
+                    lib.llama_memory_seq_rm(self.mem, i, -1, -1)
+                    if queues[i]:
+                        seqs[i] = [queues[i].pop(0), 0, 0, -1, now, -1]
+                    else:
+                        active.discard(i)
+        return Run(time.perf_counter() - t0, generated, latencies)
+
+    def close(self) -> None:
+        lib = self.lib
+        lib.llama_sampler_free(self.greedy)
+        lib.llama_batch_free(self.batch)
+        lib.llama_free(self.ctx)
+        lib.llama_model_free(self.model)
+
+
+# -- llama-server -----------------------------------------------------------------------------
+
+
+class LlamaServer:
+    """``llama-server -np N`` on a free local port, driven over HTTP."""
+
+    def __init__(self, binary: str, spec: ModelSpec, n_seq: int) -> None:
+        assert spec.path is not None
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        command = [
+            binary, "-m", spec.path, "-np", str(n_seq), "-c", str(spec.n_ctx * n_seq),
+            "-t", str(spec.n_threads), "-tb", str(spec.n_threads), "-ngl", "0",
+            "--host", "127.0.0.1", "--port", str(port),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 120.0
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"exited with status {self.proc.returncode}: {err[-300:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2.0) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("not healthy within 120 s")
+            time.sleep(0.25)
+
+    def complete(self, prompt: str, tokens: int) -> int:
+        body = {"prompt": prompt, "n_predict": tokens, "temperature": 0.0, "ignore_eos": True}
+        request = urllib.request.Request(
+            f"{self.url}/completion",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600.0) as r:
+            return int(json.load(r)["tokens_predicted"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def find_llama_server(given: str | None) -> str | None:
+    if given:
+        return given if os.access(given, os.X_OK) else None
+    return shutil.which("llama-server")
+
+
+# -- one model ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    """Every contender's runs at one level, round by round."""
+
+    in_flight: int
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def add(self, contender: str, run: Run) -> None:
+        self.runs.setdefault(contender, []).append(run)
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _latency(runs: Sequence[Run]) -> LatencyStats:
+    """Quantiles through zeta.testing's summaries, as every bench reports them."""
+    records = [
+        RequestRecord(i, 0.0, Kind.CODE, Priority.NORMAL, Outcome.OK, latency_s=latency)
+        for i, latency in enumerate(x for run in runs for x in run.latencies)
+    ]
+    return LatencyStats.of(records)
+
+
+def summarize_level(level: Level) -> dict[str, Any]:
+    contenders: dict[str, Any] = {}
+    for name, runs in level.runs.items():
+        stats = _latency(runs)
+        contenders[name] = {
+            "tokens_per_s": _spread([r.tokens_per_s for r in runs]),
+            "p50_s": stats.p50_s,
+            "p99_s": stats.p99_s,
+        }
+    ratios: dict[str, Any] = {}
+    for label, base in ((f"{ZETA}/{SINGLE}", SINGLE), (f"{ZETA}/{BARE}", BARE)):
+        if ZETA in level.runs and base in level.runs:
+            pairs = zip(level.runs[ZETA], level.runs[base], strict=True)
+            ratios[label] = _spread([a.tokens_per_s / b.tokens_per_s for a, b in pairs])
+    return {"in_flight": level.in_flight, "contenders": contenders, "ratios": ratios}
+
+
+async def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    levels = [Level(n) for n in args.in_flight]
+    top = max(args.in_flight)
+
+    def spec(slots: int) -> ModelSpec:
+        return ladder_spec(
+            name, name=name, n_threads=args.threads, kinds=frozenset({Kind.CODE}), slots=slots
+        )
+
+    skipped: dict[str, str] = {}
+    server_binary = find_llama_server(args.llama_server)
+    if server_binary is None:
+        skipped[SERVER] = f"no binary ({args.llama_server or 'llama-server not on PATH'})"
+    async with contextlib.AsyncExitStack() as stack:
+        schedulers: dict[int, Scheduler] = {}
+
+        async def scheduler(slots: int) -> Scheduler:
+            if slots not in schedulers:
+                zs = Scheduler(models=[spec(slots)], policy="dynamic", seed=args.seed)
+                schedulers[slots] = await stack.enter_async_context(zs)
+                await zs.complete("warm up", kind=Kind.CODE, max_tokens=2)
+            return schedulers[slots]
+
+        bare = BareLoop(spec(top), top)
+        stack.callback(bare.close)
+        servers: dict[int, LlamaServer] = {}
+
+        def server(n: int) -> LlamaServer | None:
+            if server_binary is None or SERVER in skipped:
+                return None
+            if n not in servers:
+                try:
+                    servers[n] = LlamaServer(server_binary, spec(n), n)
+                except (OSError, RuntimeError) as exc:
+                    skipped[SERVER] = str(exc)
+                    return None
+                stack.callback(servers[n].close)
+            return servers[n]
+
+        async def run_contender(contender: str, n: int, work: list[list[str]]) -> Run | None:
+            tokens = args.tokens
+            if contender == ZETA:
+                zs = await scheduler(n if args.slots == "in-flight" else int(args.slots))
+            elif contender == SINGLE:
+                zs = await scheduler(1)
+            elif contender == BARE:
+                ids = [[bare.tokenize(p) for p in mine] for mine in work]
+                return await anyio.to_thread.run_sync(bare.run, ids, tokens)
+            else:
+                srv = server(n)
+                if srv is None:
+                    return None
+
+                async def via_http(prompt: str) -> int:
+                    return await anyio.to_thread.run_sync(srv.complete, prompt, tokens)
+
+                return await drive(via_http, work)
+
+            async def via_zeta(prompt: str) -> int:
+                result = await zs.complete(prompt, kind=Kind.CODE, max_tokens=tokens)
+                return result.completion_tokens
+
+            return await drive(via_zeta, work)
+
+        contenders = [ZETA, SINGLE, BARE, SERVER]
+        for r in range(args.rounds):
+            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+            for level in levels:
+                n = level.in_flight
+                ps = prompts(n * args.waves, args.seed * 1_000_003 + r * 1009 + n)
+                work = [ps[i::n] for i in range(n)]
+                for contender in order:
+                    run = await run_contender(contender, n, work)
+                    if run is None:
+                        continue
+                    expected = n * args.waves * args.tokens
+                    if run.tokens != expected:
+                        raise SystemExit(
+                            f"{contender}: generated {run.tokens}, expected {expected}"
+                        )
+                    level.add(contender, run)
     return {
         "model": name,
-        "requests": args.requests,
         "tokens_per_request": args.tokens,
+        "requests_per_caller": args.waves,
         "rounds": args.rounds,
-        "tokens_per_s": tps,
-        "overhead_vs_llama_cpp": {
-            k: 1.0 - v / base for k, v in tps.items() if k.startswith("zeta")
-        },
-        "overhead_vs_zeta_backend": {
-            k: 1.0 - v / own for k, v in tps.items() if k.startswith("zeta c=")
-        },
+        "slots": args.slots,
+        "levels": [summarize_level(level) for level in levels],
+        "skipped": skipped,
     }
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _fmt(s: dict[str, float], unit: str = "") -> str:
+    if unit == "x":
+        return f"{s['median']:5.2f}x [{s['min']:.2f}-{s['max']:.2f}]"
+    return f"{s['median']:7.0f} [{s['min']:.0f}-{s['max']:.0f}]"
+
+
+def report(result: dict[str, Any]) -> Iterator[str]:
+    yield (
+        f"{result['model']}: {result['tokens_per_request']} tokens per request, "
+        f"{result['requests_per_caller']} per caller, zeta with slots={result['slots']}; "
+        f"median [min-max] over {result['rounds']} rounds"
+    )
+    yield f"  {'in flight':>9}  {'contender':16s} {'tokens/s':>22}  {'p50 s':>7} {'p99 s':>7}"
+    for level in result["levels"]:
+        for name, c in level["contenders"].items():
+            yield (
+                f"  {level['in_flight']:9d}  {name:16s} {_fmt(c['tokens_per_s']):>22}  "
+                f"{c['p50_s']:7.3f} {c['p99_s']:7.3f}"
+            )
+        ratios = "  ".join(f"{k} {_fmt(v, 'x')}" for k, v in level["ratios"].items())
+        yield f"  {'':9}  ratios: {ratios}"
+    for name, why in result["skipped"].items():
+        yield f"  {name}: skipped ({why})"
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,4,8, got {text!r}") from None
+    if not values or min(values) < 1 or max(values) > 256:
+        raise argparse.ArgumentTypeError(f"levels must be in 1..256, got {text!r}")
+    return values
+
+
+def _slots(text: str) -> str:
+    if text != "in-flight" and not (text.isdigit() and 1 <= int(text) <= 256):
+        raise argparse.ArgumentTypeError(f"expected 1..256 or 'in-flight', got {text!r}")
+    return text
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench llama", description=__doc__.split("\n")[0]
+        prog="python -m bench llama", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--models", default="coder-tiny,coder", help="ladder models to run")
-    parser.add_argument("--requests", type=int, default=24, help="requests per round")
+    parser.add_argument("--models", help="ladder models (default coder,reasoner)")
+    parser.add_argument("--tiny", action="store_true", help="the *-tiny models, for quick runs")
+    parser.add_argument("--in-flight", type=_levels, default=[1, 4, 8, 16], help="levels")
+    parser.add_argument("--waves", type=int, default=2, help="requests per caller")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds (median reported)")
-    parser.add_argument("--concurrency", type=int, default=8, help="in flight for the last run")
-    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    parser.add_argument("--slots", type=_slots, default="16", help="zeta's slots, or in-flight")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per context")
+    parser.add_argument("--llama-server", help="llama-server binary (default: from PATH)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object, last")
     args = parser.parse_args(argv)
+    if args.waves < 1 or args.tokens < 1 or args.rounds < 1 or args.threads < 1:
+        parser.error("--waves, --tokens, --rounds and --threads must be at least 1")
+    if args.slots != "in-flight" and int(args.slots) < max(args.in_flight):
+        parser.error(f"--slots {args.slots} is fewer than {max(args.in_flight)} in flight")
+    names = args.models or ("coder-tiny,reasoner-tiny" if args.tiny else "coder,reasoner")
 
-    results = [bench_model(name, args) for name in args.models.split(",")]
-    for r in results:
-        print(f"{r['model']}: {r['requests']} requests x {r['tokens_per_request']} tokens, "
-              f"median of {r['rounds']} rounds")  # fmt: skip
-        for label, tps in r["tokens_per_s"].items():
-            over = r["overhead_vs_llama_cpp"].get(label)
-            note = "" if over is None else f"  overhead vs llama_cpp.Llama {over:+.1%}"
-            print(f"  {label:16s} {tps:9.0f} tokens/s{note}")
-        for label, over in r["overhead_vs_zeta_backend"].items():
-            print(f"  {label:16s} scheduler overhead vs zeta backend {over:+.1%}")
+    results = [anyio.run(bench_model, name, args) for name in names.split(",")]
+    for result in results:
+        for line in report(result):
+            print(line)
     if args.json:
         print(json.dumps({"suite": "llama", "seed": args.seed, "results": results}))
     return 0

@@ -60,16 +60,21 @@ def test_policies_bench_runs_every_workload_for_every_contender(tmp_path: Path) 
         assert set(w["policies"]) == {"static", "dynamic"}
 
 
-def test_llama_bench_runs_zeta_beside_llama_cpp(tmp_path: Path) -> None:
+def test_llama_bench_sweeps_in_flight_levels_for_every_contender(tmp_path: Path) -> None:
     result = run_bench(
-        "llama", "--models", "coder-tiny", "--requests", "2", "--tokens", "4", "--rounds", "1",
+        "llama", "--tiny", "--models", "coder-tiny", "--in-flight", "1,2", "--waves", "1",
+        "--tokens", "4", "--rounds", "1", "--llama-server", str(tmp_path / "none"),
         tmp_path=tmp_path,
     )  # fmt: skip
     rows = result["results"]
     assert isinstance(rows, list)
     (row,) = rows
     assert row["model"] == "coder-tiny"
-    assert {"llama_cpp.Llama", "zeta c=1"} <= set(row["tokens_per_s"])
+    assert [level["in_flight"] for level in row["levels"]] == [1, 2]
+    for level in row["levels"]:
+        assert set(level["contenders"]) == {"zeta", "zeta slots=1", "bare loop"}
+        assert set(level["ratios"]) == {"zeta/zeta slots=1", "zeta/bare loop"}
+    assert "llama-server" in row["skipped"]  # no binary there: skipped, not failed
 
 
 def test_unknown_suite_is_a_usage_error() -> None:

@@ -45,7 +45,7 @@ __all__ = ["PROBE_VERSION", "ProbeRequest", "file_digest", "verify"]
 log = get_logger(__name__)
 
 #: Bumped whenever what the probe exercises changes, so older verdicts no longer count.
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: the probe runs the batched (multi-slot, shared KV) context
 
 #: Context size the probe opens the model with: enough for its text, small for its KV cache.
 _PROBE_N_CTX = 256

@@ -8,13 +8,73 @@ for three reasons:
   once, or the event loop printing meanwhile, can lose output or leave stderr pointing at
   ``/dev/null`` for good. Here llama.cpp's log goes through :func:`llama_cpp.llama_log_set` into
   zeta's logging instead, and nothing is printed.
-* Token accounting must be exact: the router's per-token cost estimate is fed from it. This
-  loop samples, counts and decodes one token at a time, turns bytes into text with an
+* ``Llama`` runs one sequence at a time. :class:`LlamaCppBackend` decodes up to
+  ``ModelSpec.slots`` sequences together (continuous batching, as llama.cpp's server does), and
+  its token accounting is exact: the router's per-token cost estimate is fed from it. Each
+  sequence samples, counts and decodes one token per step, turns bytes into text with an
   incremental UTF-8 decoder (a character split across tokens is emitted once whole), and never
   returns more than ``max_tokens`` tokens.
 * One context serves both completions and embeddings: :meth:`LlamaCppBackend.embed` switches the
   context into embeddings mode for the call (``llama_set_embeddings``) and back, so a model that
   serves several kinds costs one context, not two.
+
+Slots and the KV cache. The context has ``n_seq_max = slots`` sequence ids, one per slot, and
+one *unified* KV buffer (``kv_unified``) of ``n_ctx * slots`` cells. llama.cpp's alternative,
+one stream of ``n_ctx`` cells per sequence, splits a batch into micro-batches of consecutive
+sequence ids with equally many tokens each, so a step over slots 0, 2 and 5 would run as three
+graphs (no batching at all once slots free up out of order), and a pooled embedding of texts of
+different lengths would be split mid-text. The unified buffer takes any mix in one micro-batch.
+Every slot is still guaranteed its ``n_ctx`` cells: :meth:`~LlamaCppBackend.admit` refuses a
+request whose prompt plus ``max_tokens`` exceeds ``n_ctx``, so no sequence, running or cached,
+ever holds more than ``n_ctx`` cells, and ``slots`` of them fit the buffer (llama.cpp places a
+token in any free cell).
+
+A step is one ``llama_decode`` of one batch: the last sampled token of every decoding sequence,
+then prompt chunks of the sequences still prefilling, first admitted first, at most
+``prefill_chunk`` prompt tokens in all, so a long prompt is read over several steps while the
+running sequences keep streaming. Each sequence samples its next token with its own sampler chain
+from its own row of logits. When a request ends, its slot keeps its tokens' KV cells: the next
+admission picks the free slot whose cached tokens share the longest prefix with its prompt
+(llama.cpp server style), drops the rest, and prefills only the new suffix (``prefix_hits`` and
+``prefix_tokens_reused`` count this). Embeddings are decoded between steps, several texts per
+batch under the sequence ids of free slots, whose cached prefixes they replace.
+
+Batching and exact results. Flash attention (on under ``"auto"``) skips the cells of other
+sequences in the unified buffer, so a slot holding a cached prefix costs a running sequence
+nothing. But llama.cpp's CPU kernel takes different paths by the number of tokens in a batch
+(half-precision accumulation for a few queries, tiled single precision for many), so a
+sequence's logits can differ in their last bits with what else shares its step, and a greedy
+near-tie can then flip (in one or two requests in a hundred on the ladder's random-weight
+models). With ``flash_attn = false`` attention is exact single precision per sequence, and a
+greedy request produces the same tokens alone or batched; but it computes over every cell in
+use, so a context whose idle slots hold cached prefixes decodes slower (by a fifth to a third
+with 16 slots on the ladder's coder). GPU kernels give no such guarantee either way.
+
+A model file is untrusted input, and llama.cpp aborts the whole process on some malformed ones.
+So before llama.cpp sees a file, :func:`~zeta.backends._gguf_check.check_gguf` checks its metadata
+in Python, and a file not yet verified is opened once in a throwaway process by the load probe
+(:mod:`zeta.backends._probe`): a crash there becomes a :class:`~zeta.ModelLoadError` naming the
+file.
+
+``ModelSpec.options`` (all optional):
+
+* ``n_batch`` (default 512, at least ``slots``): tokens one ``llama_decode`` takes (also its
+  micro-batch size); a text to embed is truncated to it.
+* ``prefill_chunk`` (default 256): prompt tokens read per step, across every prefilling sequence.
+* ``flash_attn`` (``"auto"``, the default and llama.cpp's, or ``true`` or ``false``): see above.
+* ``top_k``, ``top_p``, ``min_p`` (defaults 40, 0.95, 0.05): sampling when ``temperature > 0``.
+* ``n_threads_batch`` (default ``n_threads``), ``pooling`` (``"model"``, ``"none"``, ``"mean"``,
+  ``"cls"``, ``"last"``), ``use_mmap`` (default ``true``).
+* ``gguf_check`` (default ``true``): the metadata check. Turn it off only for a file it wrongly
+  refuses; the probe still protects the process.
+* ``probe`` (default ``true``): probe files not yet verified. Verdicts are cached by the file's
+  SHA-256, so each file is probed once; files the model ladder wrote are trusted. ``false`` loads
+  unverified files directly, in this process.
+* ``probe_timeout_s`` (default 300): how long the probe may take to load and use the model.
+
+Every per-request input problem (text that is not valid Unicode, a prompt and ``max_tokens``
+that do not fit a slot, a parameter out of range) raises :class:`~zeta.InvalidRequestError` and
+leaves the context usable.
 
 ``llama_cpp`` is imported on first use, so importing zeta never needs it.
 """
@@ -25,6 +85,7 @@ import codecs
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import stat
 import struct
@@ -39,7 +100,9 @@ import numpy as np
 from .._exceptions import BackendError, ConfigError, InvalidRequestError, ModelLoadError
 from .._types import Kind, ModelSpec
 from ..telemetry._logging import get_logger
-from ._base import Completion, CompletionParams, Embedding, TokenCallback
+from ._base import Completion, CompletionParams, Embedding, TokenCallback, run_alone
+from ._gguf_check import check_gguf
+from ._probe import ProbeRequest, verify
 
 __all__ = ["LlamaCppBackend", "check_model_file", "open_backend"]
 
@@ -67,6 +130,15 @@ _NATIVE_LEVELS = {
 _CONT = 5
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+
+#: llama_flash_attn_type by option value: AUTO, DISABLED, ENABLED.
+_FLASH_ATTN: dict[object, int] = {"auto": -1, False: 0, True: 1}
+
+#: The largest text llama_tokenize takes: its length is an int32.
+_MAX_TEXT_BYTES = 0x7FFFFFFF - 8
+
+#: The most KV cells a context can have: llama.cpp keeps the count in a uint32 and pads it to 256.
+_MAX_KV_CELLS = 2**32 - 256
 
 #: Sampling used when ``temperature > 0``: llama.cpp's usual defaults, overridable per model
 #: through ``ModelSpec.options``.
@@ -160,8 +232,8 @@ def check_model_file(path: str | os.PathLike[str] | None) -> Path:
     """Check that ``path`` names a readable GGUF file and return it; llama.cpp is not involved.
 
     Catches what can be told from the file system and the fixed 24-byte header: a missing path,
-    a directory, an empty or truncated file, a wrong magic, an unknown version. Damage further
-    in (a truncated tensor section) is left to llama.cpp's loader, which reports it cleanly.
+    a directory, an empty or truncated file, a wrong magic, an unknown version. The metadata
+    further in is checked by :func:`~zeta.backends._gguf_check.check_gguf`.
 
     Raises:
         ModelLoadError: naming the file and the problem.
@@ -233,14 +305,70 @@ def _option(
     return value
 
 
+class _Slot:
+    """One sequence id of the context: the tokens its KV cells hold, and who decodes in it."""
+
+    __slots__ = ("cached", "id", "seq", "used_at")
+
+    def __init__(self, index: int) -> None:
+        self.id = index
+        #: Tokens whose keys and values are in the KV cache for this sequence id, in order. Kept
+        #: after a request ends, so the next one with the same prefix decodes only the rest.
+        self.cached: list[int] = []
+        self.seq: _Sequence | None = None
+        #: When the slot last ended a request (a counter), for least-recently-used choice.
+        self.used_at = 0
+
+
+class _Sequence:
+    """One admitted completion: its prompt, its own sampler chain, and the text produced so far."""
+
+    __slots__ = (
+        "at_stop_string", "budget", "decoder", "fed", "first_token_s", "key", "logit_idx",
+        "longest_stop", "n_out", "next_token", "on_token", "out", "pending", "prompt", "sampler",
+        "slot", "start", "stops",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        key: int,
+        slot: _Slot,
+        params: CompletionParams,
+        on_token: TokenCallback | None,
+        prompt: list[int],
+        sampler: Any,
+        start: float,
+    ) -> None:
+        self.key = key
+        self.slot = slot
+        self.on_token = on_token
+        self.prompt = prompt
+        #: Prompt tokens in the KV cache (a reused prefix, then the chunks prefilled so far).
+        self.fed = len(slot.cached)
+        self.sampler = sampler
+        self.budget = params.max_tokens
+        self.stops = tuple(s for s in params.stop if s)
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.out: list[str] = []  # text already handed out (or final)
+        self.pending = ""  # decoded text held back as a possible stop-string start
+        self.at_stop_string = False
+        self.n_out = 0
+        #: The last sampled token, to be decoded by the next step; -1 while prefilling.
+        self.next_token = -1
+        #: Index in the current step's batch of the token whose logits this sequence samples.
+        self.logit_idx = -1
+        self.start = start
+        self.first_token_s = 0.0
+
+
 class LlamaCppBackend:
-    """One llama.cpp context for one replica of a model.
+    """One llama.cpp context for one replica of a model, decoding up to ``spec.slots``
+    completions together (a :class:`~zeta.backends._base.BatchBackend`).
 
     Every method blocks. The owning actor calls them from one worker thread at a time; a second
     thread entering while a call runs gets :class:`~zeta.BackendError` instead of the abort
-    llama.cpp would give it. The KV cache keeps the last prompt and completion, so a request
-    sharing a prefix with the previous one (a system prompt, an agent's growing transcript)
-    decodes only the new tokens.
+    llama.cpp would give it.
     """
 
     spec: ModelSpec
@@ -254,15 +382,37 @@ class LlamaCppBackend:
         top_p = _option(spec, "top_p", float, _SAMPLING_DEFAULTS["top_p"], low=0.0, high=1.0)
         min_p = _option(spec, "min_p", float, _SAMPLING_DEFAULTS["min_p"], low=0.0, high=1.0)
         self._sampling = (top_k, top_p, min_p)
-        n_batch = min(spec.n_ctx, _option(spec, "n_batch", int, 512, low=1))
+        #: Sequences decoded together, and the context length of each (prompt + max_tokens).
+        self.slots: int = spec.slots
+        self.n_ctx: int = spec.n_ctx
+        n_batch = max(self.slots, _option(spec, "n_batch", int, 512, low=1))
+        #: Prompt tokens prefilled per step, across every sequence still reading its prompt.
+        self.prefill_chunk: int = _option(spec, "prefill_chunk", int, 256, low=1)
         n_threads_batch = _option(spec, "n_threads_batch", int, spec.n_threads, low=1)
+        flash_attn = spec.options.get("flash_attn", "auto")
+        if not (flash_attn == "auto" or isinstance(flash_attn, bool)):
+            raise ConfigError(
+                f"must be true, false or 'auto', got {flash_attn!r}",
+                key=f"models.{spec.name}.options.flash_attn",
+            )
         pooling_name = _option(spec, "pooling", str, "model")
         if pooling_name != "model" and pooling_name not in _POOLING:
             raise ConfigError(
                 f"unknown pooling {pooling_name!r}; expected 'model' or one of {sorted(_POOLING)}",
                 key=f"models.{spec.name}.options.pooling",
             )
+        kv_cells = spec.n_ctx * spec.slots
+        if kv_cells > _MAX_KV_CELLS:
+            raise ConfigError(
+                f"n_ctx x slots is {kv_cells} KV cells; llama.cpp takes at most {_MAX_KV_CELLS}",
+                key=f"models.{spec.name}.slots",
+            )
         use_mmap = _option(spec, "use_mmap", bool, True)
+        gguf_check = _option(spec, "gguf_check", bool, True)
+        probe = _option(spec, "probe", bool, True)
+        probe_timeout_s = _option(spec, "probe_timeout_s", float, 300.0, low=0.01)
+        if gguf_check:
+            check_gguf(path)
         try:
             lib = _llama()
         except (ImportError, OSError, RuntimeError) as exc:
@@ -271,6 +421,11 @@ class LlamaCppBackend:
             raise ModelLoadError(
                 f"the llama_cpp backend needs a working llama-cpp-python ({exc})", path=str(path)
             ) from exc
+        if probe:
+            request = ProbeRequest.for_spec(
+                spec, path, pooling=pooling_name, use_mmap=use_mmap, gguf_check=gguf_check
+            )
+            verify(request, llama_version=str(lib.__version__), timeout_s=probe_timeout_s)
         self._lib = lib
         self._lock = threading.Lock()
         self._closed = False
@@ -291,29 +446,37 @@ class LlamaCppBackend:
             raise ModelLoadError(f"llama.cpp could not load it: {_reason(errors)}", path=str(path))
         self._model = model
         self._ctx: Any = None
-        self._batch: Any = None
         try:
             cparams = lib.llama_context_default_params()
-            cparams.n_ctx = spec.n_ctx
+            # One unified KV buffer of n_ctx cells per slot (see the module docstring).
+            cparams.n_ctx = kv_cells
+            cparams.n_seq_max = self.slots
+            cparams.kv_unified = True
             cparams.n_batch = cparams.n_ubatch = n_batch
-            cparams.n_seq_max = 1
             cparams.n_threads = spec.n_threads
             cparams.n_threads_batch = n_threads_batch
             cparams.embeddings = self._embeddings_only
             cparams.no_perf = True
+            cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
             if pooling_name != "model":
                 cparams.pooling_type = _POOLING[pooling_name]
             with _capturing_native_errors() as errors:
                 ctx = lib.llama_init_from_model(model, cparams)
             if not ctx:
                 raise ModelLoadError(
-                    f"llama.cpp could not create a context (n_ctx={spec.n_ctx}): {_reason(errors)}",
+                    f"llama.cpp could not create a context (n_ctx={spec.n_ctx}, "
+                    f"slots={self.slots}): {_reason(errors)}",
                     path=str(path),
                 )
             self._ctx = ctx
+            if lib.llama_n_ctx(ctx) < kv_cells or lib.llama_n_seq_max(ctx) < self.slots:
+                raise ModelLoadError(
+                    f"llama.cpp made a context of {lib.llama_n_ctx(ctx)} cells for "
+                    f"{lib.llama_n_seq_max(ctx)} sequences; {kv_cells} for {self.slots} needed",
+                    path=str(path),
+                )
             self._vocab = lib.llama_model_get_vocab(model)
             self._mem = lib.llama_get_memory(ctx)
-            self.n_ctx: int = lib.llama_n_ctx(ctx)
             self.n_batch: int = lib.llama_n_batch(ctx)
             self.n_embd: int = lib.llama_model_n_embd(model)
             self.pooling: int = lib.llama_pooling_type(ctx)
@@ -323,53 +486,122 @@ class LlamaCppBackend:
                     "it cannot serve embeddings; set options.pooling to override",
                     path=str(path),
                 )
-            self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+            # The beginning-of-sequence token every prompt starts with is no prefix worth
+            # reusing on its own.
+            self._n_bos = 1 if lib.llama_vocab_get_add_bos(self._vocab) else 0
         except BaseException:
             self._free()
             raise
-        self._one = (lib.llama_token * 1)()
         self._pieces: dict[int, bytes] = {}
-        # Tokens whose keys and values are in the KV cache, in order (sequence 0).
-        self._cached: list[int] = []
+        self._slots = [_Slot(i) for i in range(self.slots)]
+        #: Admitted sequences by key, in admission order (prefill is first come, first served).
+        self._seqs: dict[int, _Sequence] = {}
+        self._ended = 0
+        #: Admissions that reused a cached prompt prefix, and the prompt tokens they skipped.
+        self.prefix_hits = 0
+        self.prefix_tokens_reused = 0
+        self._init_batch(n_batch)
         log.info(
             "model_loaded",
             model=spec.name,
             replica=replica,
             path=str(path),
             n_ctx=self.n_ctx,
+            slots=self.slots,
             n_embd=self.n_embd,
             load_s=round(time.perf_counter() - t0, 4),
         )
 
-    # -- Backend protocol ---------------------------------------------------------------------
+    def _init_batch(self, capacity: int) -> None:
+        """One ``llama_batch`` for every decode, over arrays this object owns: a step fills them
+        with a few vectorised slice assignments instead of a ctypes store per field per token."""
+        lib = self._lib
+        self._b_token = np.zeros(capacity, dtype=np.int32)
+        self._b_pos = np.zeros(capacity, dtype=np.int32)
+        self._b_n_seq = np.ones(capacity, dtype=np.int32)
+        self._b_logits = np.zeros(capacity, dtype=np.int8)
+        self._b_seq = np.zeros(capacity, dtype=np.uintp)
+        # Every token belongs to one sequence: its seq_id entry points at that id in this array.
+        self._seq_ids = np.arange(self.slots, dtype=np.int32)
+        self._seq_id_ptrs = self._seq_ids.ctypes.data + self._seq_ids.itemsize * np.arange(
+            self.slots, dtype=np.uintp
+        )
+        batch = lib.llama_batch()
+        batch.token = self._b_token.ctypes.data_as(ctypes.POINTER(lib.llama_token))
+        batch.pos = self._b_pos.ctypes.data_as(ctypes.POINTER(lib.llama_pos))
+        batch.n_seq_id = self._b_n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.seq_id = ctypes.cast(
+            self._b_seq.ctypes.data, ctypes.POINTER(ctypes.POINTER(lib.llama_seq_id))
+        )
+        batch.logits = self._b_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._batch = batch
+
+    # -- BatchBackend protocol ----------------------------------------------------------------
+
+    def admit(self, seq: int, params: CompletionParams, on_token: TokenCallback | None) -> None:
+        """Take a completion into the free slot whose cached tokens share the longest prefix
+        with its prompt; the following steps prefill the rest and decode it.
+
+        ``on_token`` gets each non-empty piece of new text (a character split across tokens
+        arrives whole, once). Returning ``False`` from it stops the sequence at once with
+        finish reason ``"cancelled"``. Text that could be the start of a stop string is held
+        back until it is known not to be one.
+
+        Raises:
+            InvalidRequestError: the prompt and ``max_tokens`` do not fit a slot's ``n_ctx``,
+                the model only embeds, or a value is malformed; nothing changed.
+            BackendError: no slot is free, or ``seq`` is already admitted.
+        """
+        with self._entered():
+            self._admit(seq, params, on_token)
+
+    def step(self) -> list[tuple[int, Completion]]:
+        """One ``llama_decode`` over every admitted sequence: one token for each one decoding,
+        and up to ``prefill_chunk`` prompt tokens for those still reading their prompt. Returns
+        the sequences that ended (their slots are free again).
+
+        Raises:
+            BackendError: llama.cpp failed to decode; every sequence was dropped and the KV
+                cache cleared, the context is usable.
+            Exception: what an ``on_token`` callback raised; its sequence was dropped, the
+                others go on.
+        """
+        with self._entered():
+            return self._step()
+
+    def cancel(self, seq: int) -> None:
+        """Drop sequence ``seq`` and free its slot (its KV cells stay, as a reusable prefix).
+        Unknown keys, and a closed context, are ignored."""
+        with self._entered(closed_ok=True):
+            s = self._seqs.pop(seq, None)
+            if s is not None:
+                self._release(s)
 
     def complete(
         self, params: CompletionParams, on_token: TokenCallback | None = None
     ) -> Completion:
-        """Generate up to ``params.max_tokens`` tokens, streaming text pieces to ``on_token``.
-
-        ``on_token`` gets each non-empty piece of new text (a character split across tokens
-        arrives whole, once). Returning ``False`` from it stops generation at once with finish
-        reason ``"cancelled"``; the context is left consistent for the next request. Text that
-        could be the start of a stop string is held back until it is known not to be one.
+        """Generate up to ``params.max_tokens`` tokens for one prompt, alone (admit, then step
+        until it ends); for the load probe and tests. See :meth:`admit`.
 
         Raises:
-            InvalidRequestError: the prompt does not fit the context, or the model only embeds.
-            BackendError: llama.cpp failed to decode.
+            InvalidRequestError: see :meth:`admit`.
+            BackendError: llama.cpp failed to decode, or the context is in use or closed.
         """
-        with self._entered():
-            return self._complete(params, on_token)
+        return run_alone(self, params, on_token)
 
     def embed(self, texts: Sequence[str]) -> Embedding:
-        """Return one pooled, L2-normalised vector per text.
+        """Return one pooled, L2-normalised vector per text, between steps.
 
-        Pooling is the model's own (the ladder's models use mean); a model without one is
-        mean-pooled here. Texts longer than the batch size (``options.n_batch``, 512 by
-        default) are truncated to it, as a pooled sequence must be decoded in one batch.
+        Texts are decoded several at a time, each under the sequence id of a free slot (that
+        slot's cached prefix is forgotten), as many as fit one batch; running sequences keep
+        their KV cells. Pooling is the model's own (the ladder's models use mean); a model
+        without one is mean-pooled here. A text longer than a slot's context or the batch size
+        (``options.n_batch``, 512 by default) is truncated to it, as a pooled sequence must be
+        decoded in one batch.
 
         Raises:
-            InvalidRequestError: a text encodes to no tokens at all.
-            BackendError: llama.cpp failed to decode.
+            InvalidRequestError: a text encodes to no tokens at all, or is not a string.
+            BackendError: no slot is free, or llama.cpp failed to decode.
         """
         with self._entered():
             return self._embed(texts)
@@ -385,20 +617,23 @@ class LlamaCppBackend:
             if self._closed:
                 return
             self._closed = True
+            for s in self._seqs.values():
+                self._lib.llama_sampler_free(s.sampler)
+            self._seqs.clear()
             self._free()
         log.info("model_closed", model=self.spec.name, replica=self.replica)
 
     # -- internals ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _entered(self) -> Iterator[None]:
+    def _entered(self, *, closed_ok: bool = False) -> Iterator[None]:
         if not self._lock.acquire(blocking=False):
             raise BackendError(
                 f"model {self.spec.name!r} replica {self.replica}: context entered from two "
                 "threads at once"
             )
         try:
-            if self._closed:
+            if self._closed and not closed_ok:
                 raise BackendError(f"model {self.spec.name!r} replica {self.replica} is closed")
             yield
         finally:
@@ -406,9 +641,6 @@ class LlamaCppBackend:
 
     def _free(self) -> None:
         lib = self._lib
-        if self._batch is not None:
-            lib.llama_batch_free(self._batch)
-            self._batch = None
         if self._ctx is not None:
             lib.llama_free(self._ctx)
             self._ctx = None
@@ -417,17 +649,27 @@ class LlamaCppBackend:
             self._model = None
 
     def _tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text``.
+
+        Raises:
+            InvalidRequestError: ``text`` is not a string, is not valid Unicode (a lone
+                surrogate), or is too long for llama.cpp to tokenize.
+        """
         lib = self._lib
-        data = text.encode("utf-8")
+        data = _utf8(text)
         capacity = len(data) + 8
         for _ in range(2):
             buf = (lib.llama_token * capacity)()
             # parse_special=False: a prompt must not be able to inject control tokens.
             n = lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, False)
             if n >= 0:
-                return buf[:n]
+                return list(buf[:n])
+            if n == -(2**31):  # llama.cpp: the result would not fit an int32
+                break
             capacity = -n
-        raise BackendError(f"model {self.spec.name!r}: tokenizer failed ({n})")
+        raise InvalidRequestError(
+            f"model {self.spec.name!r} cannot tokenize a text of {len(data)} bytes"
+        )
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -440,41 +682,21 @@ class LlamaCppBackend:
             piece = self._pieces[token] = buf.raw[: max(n, 0)]
         return piece
 
-    def _decode_tokens(self, tokens: Sequence[int]) -> None:
-        """Decode ``tokens`` after the cached ones; logits come out for the last one only."""
-        lib = self._lib
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            if len(chunk) == 1:
-                arr = self._one
-                arr[0] = chunk[0]
-            else:
-                arr = (lib.llama_token * len(chunk))(*chunk)
-            rc = lib.llama_decode(self._ctx, lib.llama_batch_get_one(arr, len(chunk)))
-            if rc != 0:
-                self._reset_cache()
-                raise BackendError(f"model {self.spec.name!r}: llama_decode failed ({rc})")
-            self._cached.extend(chunk)
-
-    def _reset_cache(self) -> None:
-        self._lib.llama_memory_clear(self._mem, True)
-        self._cached.clear()
-
-    def _prefill(self, prompt: list[int]) -> None:
-        """Bring the KV cache to ``prompt``, reusing the longest prefix already cached."""
-        keep = 0
-        for a, b in zip(self._cached, prompt, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)  # re-decode at least one token to get fresh logits
-        if keep < len(self._cached):
-            if self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1):
-                del self._cached[keep:]
-            else:
-                self._reset_cache()
+    def _forget(self, slot: _Slot, keep: int = 0) -> int:
+        """Drop ``slot``'s KV cells from position ``keep`` on; returns the tokens kept."""
+        if keep < len(slot.cached):
+            if self._mem and not self._lib.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
+                # Memory that cannot drop part of a sequence (a recurrent model) drops it all.
+                self._lib.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
                 keep = 0
-        self._decode_tokens(prompt[keep:])
+            del slot.cached[keep:]
+        return keep
+
+    def _clear(self, slot: _Slot) -> None:
+        """Drop every KV cell of ``slot``'s sequence id."""
+        if self._mem:
+            self._lib.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+        slot.cached.clear()
 
     def _sampler(self, params: CompletionParams) -> Any:
         lib = self._lib
@@ -495,79 +717,204 @@ class LlamaCppBackend:
             raise
         return chain
 
-    def _complete(self, params: CompletionParams, on_token: TokenCallback | None) -> Completion:
-        t0 = time.perf_counter()
+    def _admit(self, key: int, params: CompletionParams, on_token: TokenCallback | None) -> None:
+        start = time.perf_counter()
+        name = self.spec.name
         if self._embeddings_only:
-            raise InvalidRequestError(f"model {self.spec.name!r} serves embeddings only")
-        lib = self._lib
+            raise InvalidRequestError(f"model {name!r} serves embeddings only")
+        _check_params(params)
         prompt = self._tokenize(params.prompt, add_special=True)
         if not prompt:
             raise InvalidRequestError("the prompt encodes to no tokens")
-        if len(prompt) >= self.n_ctx:
+        if params.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if len(prompt) + params.max_tokens > self.n_ctx:
             raise InvalidRequestError(
-                f"prompt is {len(prompt)} tokens; model {self.spec.name!r} has a context of "
-                f"{self.n_ctx}"
+                f"prompt is {len(prompt)} tokens and max_tokens {params.max_tokens}; model "
+                f"{name!r} has a context of {self.n_ctx} tokens per request"
             )
-        budget = min(params.max_tokens, self.n_ctx - len(prompt))
-        stops = tuple(s for s in params.stop if s)
-        longest_stop = max((len(s) for s in stops), default=0)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        out: list[str] = []  # text already handed out (or final)
-        pending = ""  # decoded text held back as a possible stop-string start
-        n_out = 0
-        first_token_s = 0.0
-        finish = "length"
-        at_stop_string = False
-        self._prefill(prompt)
+        if key in self._seqs:
+            raise BackendError(f"model {name!r}: sequence {key} is already admitted")
+        free = [slot for slot in self._slots if slot.seq is None]
+        if not free:
+            raise BackendError(f"model {name!r}: all {self.slots} slots are taken")
+        bos = self._n_bos
+
+        def score(slot: _Slot) -> tuple[int, bool, int]:
+            # Longest shared prefix first (the BOS token alone does not count); else an empty
+            # slot, else the least recently used one, so good caches survive longest.
+            shared = _common_prefix(slot.cached, prompt)
+            return (shared if shared > bos else 0, not slot.cached, -slot.used_at)
+
+        slot = max(free, key=score)
         sampler = self._sampler(params)
-        try:
-            while n_out < budget:
-                token = lib.llama_sampler_sample(sampler, self._ctx, -1)
-                if n_out == 0:
-                    first_token_s = time.perf_counter() - t0
-                if lib.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                n_out += 1
-                pending += decoder.decode(self._piece(token))
-                emit = pending
-                if stops:
-                    cut = min((i for s in stops if (i := pending.find(s)) >= 0), default=-1)
-                    if cut >= 0:
-                        emit, pending, finish = pending[:cut], "", "stop"
-                        at_stop_string = True
-                    else:
-                        cut = len(pending) - _held_back(pending, stops, longest_stop)
-                        emit, pending = pending[:cut], pending[cut:]
-                else:
-                    pending = ""
-                if emit:
-                    out.append(emit)
-                    if on_token is not None and on_token(emit) is False:
-                        finish = "cancelled"
-                        break
-                if finish == "stop":
-                    break
-                if n_out < budget:
-                    self._decode_tokens((token,))
-        finally:
-            lib.llama_sampler_free(sampler)
+        # Re-decode at least the prompt's last token: its logits give the first new token.
+        keep = self._forget(slot, min(_common_prefix(slot.cached, prompt), len(prompt) - 1))
+        if keep > bos:
+            self.prefix_hits += 1
+            self.prefix_tokens_reused += keep
+        s = _Sequence(key, slot, params, on_token, prompt, sampler, start)
+        slot.seq = s
+        self._seqs[key] = s
+
+    def _release(self, s: _Sequence) -> None:
+        """Free ``s``'s sampler and slot; its KV cells stay as that slot's cached prefix."""
+        self._lib.llama_sampler_free(s.sampler)
+        self._ended += 1
+        s.slot.seq = None
+        s.slot.used_at = self._ended
+
+    def _step(self) -> list[tuple[int, Completion]]:
+        seqs = self._seqs
+        if not seqs:
+            return []
+        lib = self._lib
+        tokens: list[int] = []
+        positions: list[int] = []
+        ids: list[int] = []
+        sampled: list[_Sequence] = []  # sequences with logits in this batch, in batch order
+        for s in seqs.values():
+            if s.next_token >= 0:
+                s.logit_idx = len(tokens)
+                tokens.append(s.next_token)
+                positions.append(len(s.slot.cached))
+                ids.append(s.slot.id)
+                sampled.append(s)
+        decoding = len(tokens)
+        room = min(self.prefill_chunk, self.n_batch - decoding)
+        prefilled: list[tuple[_Sequence, int]] = []
+        for s in seqs.values():
+            if room <= 0:
+                break
+            left = len(s.prompt) - s.fed
+            if s.next_token >= 0 or left <= 0:
+                continue
+            take = min(room, left)
+            room -= take
+            at = len(tokens)
+            tokens += s.prompt[s.fed : s.fed + take]
+            positions += range(s.fed, s.fed + take)
+            ids += [s.slot.id] * take
+            prefilled.append((s, take))
+            if take == left:  # the prompt's last token: its logits give the first new token
+                s.logit_idx = at + take - 1
+                sampled.append(s)
+        n = len(tokens)
+        if n == 0:
+            return []
+        self._b_token[:n] = tokens
+        self._b_pos[:n] = positions
+        self._b_seq[:n] = self._seq_id_ptrs[ids]
+        logits = self._b_logits
+        logits[:n] = 0
+        logits[[s.logit_idx for s in sampled]] = 1
+        self._batch.n_tokens = n
+        rc = lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            dropped = len(seqs)
+            self._drop_all()
+            raise BackendError(
+                f"model {self.spec.name!r}: llama_decode failed ({rc}); {dropped} sequences dropped"
+            )
+        for s in sampled[:decoding]:
+            s.slot.cached.append(s.next_token)
+            s.next_token = -1
+        for s, take in prefilled:
+            s.slot.cached += s.prompt[s.fed : s.fed + take]
+            s.fed += take
+        ended: list[tuple[int, Completion]] = []
+        for i, s in enumerate(sampled):
+            try:
+                finish = self._accept(
+                    s, lib.llama_sampler_sample(s.sampler, self._ctx, s.logit_idx)
+                )
+                if finish is not None:
+                    del seqs[s.key]
+                    ended.append((s.key, self._finish(s, finish)))
+            except BaseException:
+                # An on_token callback raised: that sequence is dropped, and the ones not yet
+                # sampled take their last token back, to be decoded again next step.
+                self._rewind(sampled[i + 1 :])
+                if seqs.pop(s.key, None) is not None:
+                    self._release(s)
+                raise
+        return ended
+
+    def _accept(self, s: _Sequence, token: int) -> str | None:
+        """Account for ``token`` sampled for ``s``; return a finish reason if ``s`` ended."""
+        if s.n_out == 0:
+            s.first_token_s = time.perf_counter() - s.start
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            return "stop"
+        s.n_out += 1
+        s.pending += s.decoder.decode(self._piece(token))
+        emit = s.pending
+        finish = None
+        if s.stops:
+            pending = s.pending
+            cut = min((i for stop in s.stops if (i := pending.find(stop)) >= 0), default=-1)
+            if cut >= 0:
+                emit, s.pending, finish = pending[:cut], "", "stop"
+                s.at_stop_string = True
+            else:
+                cut = len(pending) - _held_back(pending, s.stops, s.longest_stop)
+                emit, s.pending = pending[:cut], pending[cut:]
+        else:
+            s.pending = ""
+        if emit:
+            s.out.append(emit)
+            if s.on_token is not None and s.on_token(emit) is False:
+                return "cancelled"
+        if finish is not None:
+            return finish
+        if s.n_out >= s.budget:
+            return "length"
+        s.next_token = token
+        return None
+
+    def _finish(self, s: _Sequence, finish: str) -> Completion:
+        """Release ``s``'s slot and build its result."""
+        self._release(s)
         # Text held back as a possible stop-string start is final unless a stop string cut it:
         # an end-of-generation token ends the text as surely as the length limit does.
-        if not at_stop_string:
-            tail = pending + decoder.decode(b"", final=True)
+        if not s.at_stop_string:
+            tail = s.pending + s.decoder.decode(b"", final=True)
             if tail:
-                out.append(tail)
-                if finish != "cancelled" and on_token is not None:
-                    on_token(tail)
+                s.out.append(tail)
+                if finish != "cancelled" and s.on_token is not None:
+                    s.on_token(tail)
         return Completion(
-            text="".join(out),
-            prompt_tokens=len(prompt),
-            completion_tokens=n_out,
+            text="".join(s.out),
+            prompt_tokens=len(s.prompt),
+            completion_tokens=s.n_out,
             finish_reason=finish,
-            first_token_s=first_token_s,
-            service_s=time.perf_counter() - t0,
+            first_token_s=s.first_token_s,
+            service_s=time.perf_counter() - s.start,
         )
+
+    def _rewind(self, pending: Sequence[_Sequence]) -> None:
+        """Take back the token each of ``pending`` decoded last (their logits were never
+        sampled), so the next step decodes it again."""
+        for s in pending:
+            slot = s.slot
+            token, last = slot.cached[-1], len(slot.cached) - 1
+            if self._forget(slot, last) < last:  # could not drop one cell: drop the sequence
+                del self._seqs[s.key]
+                self._release(s)
+            elif s.n_out == 0:  # it had just read its whole prompt
+                s.fed = last
+            else:
+                s.next_token = token
+
+    def _drop_all(self) -> None:
+        """After a failed decode: every sequence dropped, the KV cache cleared."""
+        if self._mem:
+            self._lib.llama_memory_clear(self._mem, True)
+        for s in self._seqs.values():
+            self._release(s)
+        self._seqs.clear()
+        for slot in self._slots:
+            slot.cached.clear()
 
     def _embed(self, texts: Sequence[str]) -> Embedding:
         t0 = time.perf_counter()
@@ -577,56 +924,154 @@ class LlamaCppBackend:
         if self.pooling == lib.LLAMA_POOLING_TYPE_RANK:
             # llama.cpp's per-sequence output is then n_cls_out scores, not n_embd floats.
             raise InvalidRequestError(f"model {self.spec.name!r} is a reranker; it cannot embed")
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise InvalidRequestError(
+                f"embed() takes a sequence of texts, not {type(texts).__name__}"
+            ) from None
+        for text in texts:
+            _utf8(text)  # refuse a bad text before anything is tokenized
+        cap = min(self.n_batch, self.n_ctx)
+        encoded: list[list[int]] = []
+        for text in texts:
+            tokens = self._tokenize(text, add_special=True)[:cap]
+            if not tokens:
+                raise InvalidRequestError("a text to embed encodes to no tokens")
+            encoded.append(tokens)
         vectors: list[list[float]] = []
-        n_tokens = 0
+        if not encoded:
+            return Embedding(vectors=[], prompt_tokens=0, service_s=time.perf_counter() - t0)
+        # Empty slots first, then the least recently used: their cached prefixes are lost.
+        free = sorted(
+            (slot for slot in self._slots if slot.seq is None),
+            key=lambda slot: (bool(slot.cached), slot.used_at),
+        )
+        if not free:
+            raise BackendError(f"model {self.spec.name!r}: no free slot to embed in")
         if not self._embeddings_only:
             lib.llama_set_embeddings(self._ctx, True)
         try:
-            for text in texts:
-                tokens = self._tokenize(text, add_special=True)[: self.n_batch]
-                if not tokens:
-                    raise InvalidRequestError("a text to embed encodes to no tokens")
-                n_tokens += len(tokens)
-                vectors.append(self._embed_one(tokens))
+            i = 0
+            while i < len(encoded):
+                group: list[list[int]] = []
+                size = 0
+                while (
+                    i < len(encoded)
+                    and len(group) < len(free)
+                    and size + len(encoded[i]) <= self.n_batch
+                ):
+                    group.append(encoded[i])
+                    size += len(encoded[i])
+                    i += 1
+                vectors += self._embed_group(group, free[: len(group)])
         finally:
-            self._reset_cache()
             if not self._embeddings_only:
                 lib.llama_set_embeddings(self._ctx, False)
         return Embedding(
-            vectors=vectors, prompt_tokens=n_tokens, service_s=time.perf_counter() - t0
+            vectors=vectors,
+            prompt_tokens=sum(map(len, encoded)),
+            service_s=time.perf_counter() - t0,
         )
 
-    def _embed_one(self, tokens: list[int]) -> list[float]:
+    def _embed_group(self, group: list[list[int]], slots: list[_Slot]) -> list[list[float]]:
+        """Decode ``group`` in one batch (so one ubatch: pooling needs each text whole), text
+        ``j`` as the sequence of ``slots[j]``; the slots' KV cells are cleared before and after."""
         lib = self._lib
-        self._reset_cache()
-        batch = self._batch
-        n = len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1  # every token is an output: pooling reads them all
-        batch.n_tokens = n
-        rc = lib.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise BackendError(f"model {self.spec.name!r}: llama_decode failed ({rc}) embedding")
-        if self.pooling == lib.LLAMA_POOLING_TYPE_NONE:
-            ptr = lib.llama_get_embeddings(self._ctx)
-            if not ptr:
-                raise BackendError(f"model {self.spec.name!r}: llama.cpp returned no embeddings")
-            per_token = np.ctypeslib.as_array(ptr, (n, self.n_embd))
-            vec = per_token.mean(axis=0, dtype=np.float64)
-        else:
-            ptr = lib.llama_get_embeddings_seq(self._ctx, 0)
-            if not ptr:
-                raise BackendError(f"model {self.spec.name!r}: llama.cpp returned no embedding")
-            vec = np.ctypeslib.as_array(ptr, (self.n_embd,)).astype(np.float64)
-        norm = float(np.linalg.norm(vec))
-        if norm > 0.0:
-            vec /= norm
-        result: list[float] = vec.tolist()
-        return result
+        for slot in slots:
+            self._clear(slot)
+        n = sum(map(len, group))
+        self._b_token[:n] = [t for tokens in group for t in tokens]
+        self._b_pos[:n] = [p for tokens in group for p in range(len(tokens))]
+        self._b_seq[:n] = np.repeat(
+            self._seq_id_ptrs[[slot.id for slot in slots]], [len(t) for t in group]
+        )
+        self._b_logits[:n] = 1  # every token is an output: pooling reads them all
+        self._batch.n_tokens = n
+        try:
+            rc = lib.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                raise BackendError(
+                    f"model {self.spec.name!r}: llama_decode failed ({rc}) embedding"
+                )
+            vectors: list[list[float]] = []
+            if self.pooling == lib.LLAMA_POOLING_TYPE_NONE:
+                ptr = lib.llama_get_embeddings(self._ctx)
+                if not ptr:
+                    raise BackendError(
+                        f"model {self.spec.name!r}: llama.cpp returned no embeddings"
+                    )
+                per_token = np.ctypeslib.as_array(ptr, (n, self.n_embd))
+                at = 0
+                for tokens in group:
+                    rows = per_token[at : at + len(tokens)]
+                    vectors.append(_unit(rows.mean(axis=0, dtype=np.float64)))
+                    at += len(tokens)
+            else:
+                for slot in slots:
+                    ptr = lib.llama_get_embeddings_seq(self._ctx, slot.id)
+                    if not ptr:
+                        raise BackendError(
+                            f"model {self.spec.name!r}: llama.cpp returned no embedding"
+                        )
+                    vec = np.ctypeslib.as_array(ptr, (self.n_embd,)).astype(np.float64)
+                    vectors.append(_unit(vec))
+            return vectors
+        finally:
+            for slot in slots:
+                self._clear(slot)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _unit(vec: Any) -> list[float]:
+    """``vec`` scaled to unit L2 norm (left as is if zero), as a list."""
+    norm = float(np.linalg.norm(vec))
+    if norm > 0.0:
+        vec = vec / norm
+    result: list[float] = vec.tolist()
+    return result
+
+
+def _utf8(text: object) -> bytes:
+    """``text`` as UTF-8 bytes for llama.cpp, or :class:`~zeta.InvalidRequestError`."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"a text must be a string, not {type(text).__name__}")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"text is not valid Unicode: {exc.reason} at character {exc.start} "
+            f"({text[exc.start : exc.end]!a})"
+        ) from None
+    if len(data) > _MAX_TEXT_BYTES:
+        raise InvalidRequestError(f"a text of {len(data)} bytes is too long to tokenize")
+    return data
+
+
+def _check_params(params: CompletionParams) -> None:
+    """Refuse completion parameters llama.cpp would misbehave on, before the context is used."""
+    temperature = params.temperature
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+    ):
+        raise InvalidRequestError(f"temperature must be a finite number, got {temperature!r}")
+    for name in ("max_tokens", "seed"):
+        value = getattr(params, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    if isinstance(params.stop, str) or not all(isinstance(s, str) for s in params.stop):
+        raise InvalidRequestError("stop must be a sequence of strings")
 
 
 def _held_back(text: str, stops: tuple[str, ...], longest: int) -> int:
