@@ -322,7 +322,6 @@ class ModelActor:
         #: Completion tokens of the requests this actor finished.
         self.generated_tokens = 0
         self._prefix_base = (0, 0)
-        self._occupancy = 1  # sequences in the step whose results are being settled
         self._handle: LoopHandle | None = None
         self._make_worker: Callable[[str], Worker] | None = None
         # The call being awaited, and what the hang watchdog last saw of it.
@@ -631,17 +630,18 @@ class ModelActor:
         for seq, exc in refused:
             self._settle(running.pop(seq), None, exc)
         # The kernel learns per-token time at the occupancy the request ended in.
-        self._occupancy = max(1, min(len(running), self.slots))
+        busy = max(1, min(len(running), self.slots))
         for seq, completion in ended:
             if seq in running:
-                self._settle(running.pop(seq), completion, None)
-        self._occupancy = 1
+                self._settle(running.pop(seq), completion, None, busy)
         self._sync()
 
-    def _settle(self, request: Request, value: Any, error: BaseException | None) -> None:
+    def _settle(
+        self, request: Request, value: Any, error: BaseException | None, busy: int = 1
+    ) -> None:
         if error is None:
             self.completed += 1
-            self._succeed(request, value, self._clock())
+            self._succeed(request, value, self._clock(), busy)
         elif isinstance(error, (InvalidInputError, BackendError)):
             # The call failed but the backend says the context is fine.
             self.failed += 1
@@ -650,14 +650,14 @@ class ModelActor:
             self.failed += 1
             raise ContextFailure([request, *self.running.values()], error)
 
-    def _succeed(self, request: Request, value: Any, now: float) -> None:
+    def _succeed(self, request: Request, value: Any, now: float, busy: int) -> None:
         assert request.started_at is not None and request.enqueued_at is not None
         queue_wait = request.started_at - request.enqueued_at
         if isinstance(value, Completion):
             self.generated_tokens += value.completion_tokens
             decode = value.service_s - value.first_token_s
             per_token = decode / value.completion_tokens if value.completion_tokens else 0.0
-            self._observe(value.first_token_s, per_token, now)
+            self._observe(value.first_token_s, per_token, now, busy)
             request.service_s = value.service_s
             request.finish(
                 result=CompletionResult(
@@ -675,7 +675,7 @@ class ModelActor:
                 )
             )
         elif isinstance(value, Embedding):
-            self._observe(value.service_s, self._table.ewma(self.index)[1], now)
+            self._observe(value.service_s, self._table.ewma(self.index)[1], now, 1)
             request.service_s = value.service_s
             request.finish(
                 result=EmbeddingResult(
@@ -693,7 +693,7 @@ class ModelActor:
                 error=BackendError(f"{self.name}: backend returned {type(value).__name__}")
             )
 
-    def _observe(self, per_request: float, per_token: float, now: float) -> None:
+    def _observe(self, per_request: float, per_token: float, now: float, busy: int) -> None:
         # A backend's odd timing (negative, NaN) must not take the actor down via the kernel.
         if math.isfinite(per_request) and math.isfinite(per_token) and math.isfinite(now):
             self._table.observe(
@@ -701,5 +701,5 @@ class ModelActor:
                 max(0.0, per_request),
                 max(0.0, per_token),
                 max(0.0, now),
-                self._occupancy,
+                busy,
             )

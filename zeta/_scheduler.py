@@ -44,7 +44,6 @@ from ._supervisor import Supervision, Supervisor
 from ._types import ModelSpec, Scoring, check_int, check_number
 from .backends import get_backend
 from .backends._base import BackendFactory
-from .telemetry._logging import get_logger
 from .telemetry._recorder import Outcome, Recorder
 from .telemetry._samplers import UtilisationSampler
 
@@ -52,8 +51,6 @@ if TYPE_CHECKING:
     from .telemetry._server import MetricsServer
 
 __all__ = ["Scheduler"]
-
-log = get_logger(__name__)
 
 #: The most actors (replicas over all models) one scheduler runs: each has a thread.
 MAX_ACTORS = 256
