@@ -27,9 +27,10 @@ from zeta.testing import (
 def test_vocab_is_spm_byte_fallback_with_prefix_closed_pieces() -> None:
     tokens, scores, types = _ladder.build_vocab()
     assert len(tokens) == len(scores) == len(types) == len(set(tokens))
-    assert tokens[:3] == ["<unk>", "<s>", "</s>"]
-    assert tokens[3:259] == [f"<0x{b:02X}>" for b in range(256)]
-    assert set(types[3:259]) == {gguf.TokenType.BYTE}
+    assert tokens[:5] == ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    assert set(types[1:5]) == {gguf.TokenType.CONTROL}
+    assert tokens[5:261] == [f"<0x{b:02X}>" for b in range(256)]
+    assert set(types[5:261]) == {gguf.TokenType.BYTE}
     normal = {t for t, ty in zip(tokens, types, strict=True) if ty == gguf.TokenType.NORMAL}
     assert "▁" in normal and "a" in normal and "▁def" in normal
     for piece in normal:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from ._calibration import CalibrationView as CalibrationView
 from ._calibration import Calibrator as Calibrator
+from ._chat import ChatResult as ChatResult
+from ._chat import ToolCall as ToolCall
 from ._classifier import Classification as Classification
 from ._classifier import Classifier as Classifier
 from ._classifier import HeuristicClassifier as HeuristicClassifier
 from ._config import Config as Config
 from ._config import MetricsConfig as MetricsConfig
+from ._config import ServeConfig as ServeConfig
 from ._config import load_config as load_config
 from ._exceptions import ActorDead as ActorDead
 from ._exceptions import BackendError as BackendError
+from ._exceptions import ChatTemplateError as ChatTemplateError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import DeadlineExceeded as DeadlineExceeded
 from ._exceptions import InvalidInputError as InvalidInputError
@@ -23,7 +27,9 @@ from ._exceptions import NoCapableModelError as NoCapableModelError
 from ._exceptions import Overloaded as Overloaded
 from ._exceptions import SchedulerClosed as SchedulerClosed
 from ._exceptions import TryAgainError as TryAgainError
+from ._exceptions import UnknownModelError as UnknownModelError
 from ._exceptions import ZetaError as ZetaError
+from ._intake import ChatOptions as ChatOptions
 from ._intake import CompletionOptions as CompletionOptions
 from ._intake import RequestOptions as RequestOptions
 from ._policies import Candidate as Candidate
@@ -67,6 +73,9 @@ __all__ = (
     "CalibrationView",
     "Calibrator",
     "Candidate",
+    "ChatOptions",
+    "ChatResult",
+    "ChatTemplateError",
     "Classification",
     "Classifier",
     "CompletionOptions",
@@ -80,8 +89,8 @@ __all__ = (
     "InvalidInputError",
     "InvalidRequestError",
     "JoinShortestQueuePolicy",
-    "Kind",
     "KernelInputError",
+    "Kind",
     "MetricsConfig",
     "ModelLoadError",
     "ModelSnapshot",
@@ -102,11 +111,14 @@ __all__ = (
     "SchedulerClosed",
     "SchedulerSnapshot",
     "Scoring",
+    "ServeConfig",
     "StaticPolicy",
     "Supervision",
     "ThresholdPolicy",
     "TokenStream",
+    "ToolCall",
     "TryAgainError",
+    "UnknownModelError",
     "ZetaError",
     "__version__",
     "kernel_implementation",

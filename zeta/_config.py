@@ -1,4 +1,5 @@
-"""zeta's configuration file (TOML): models, routing policy and scoring, mailboxes, metrics.
+"""zeta's configuration file (TOML): models, routing policy and scoring, mailboxes, metrics, and
+the HTTP server ``zeta serve`` runs.
 
 :func:`load_config` reads a file, :func:`parse_config` a mapping already parsed. Both check every
 key and value up front and raise :class:`~zeta.ConfigError` naming the key (``models[1].n_ctx``,
@@ -39,7 +40,7 @@ from ._types import (
 )
 from .backends import BACKENDS
 
-__all__ = ["Config", "MetricsConfig", "load_config", "parse_config"]
+__all__ = ["Config", "MetricsConfig", "ServeConfig", "load_config", "parse_config"]
 
 #: Scalar values a policy parameter may take.
 ParamValue = bool | int | float | str
@@ -54,6 +55,13 @@ MAX_LADDER_SEED = 2**32 - 1
 #: The largest config file read, in bytes; a longer one is refused before it is parsed.
 MAX_CONFIG_BYTES = 1 << 20
 
+#: The environment variable ``zeta serve`` reads its API key from unless told another.
+DEFAULT_API_KEY_ENV = "ZETA_API_KEY"
+#: Bounds of ``serve.max_body_bytes``: the largest request body the HTTP server reads.
+MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 10, 1 << 30
+#: The most tokens ``serve.max_tokens`` may default a request to (the scheduler's own bound).
+_MAX_TOKENS = 1 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
@@ -62,6 +70,76 @@ class MetricsConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """The OpenAI-compatible HTTP server (``zeta serve``); validates itself.
+
+    Args:
+        host: address to bind; loopback unless told otherwise.
+        port: TCP port (0 picks a free one).
+        api_key: the bearer key every ``/v1`` and ``/metrics`` request must carry; prefer
+            ``api_key_env``, which keeps the key out of the file. Not shown in ``repr``.
+        api_key_env: the environment variable the key is read from when ``api_key`` is not
+            given; when it is unset or empty, the server asks for no key.
+        max_body_bytes: the largest request body read; a larger one is refused with HTTP 413.
+        max_tokens: ``max_tokens`` of a request that gives none (``None``: the scheduler's
+            default, 128).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    max_body_bytes: int = 4 << 20
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"must be a non-empty string, got {type_name(self.host)}", key="host")
+        check_int(self.port, "port", 0, 65535)
+        if self.api_key is not None:
+            _check_api_key(self.api_key, "api_key")
+        if not isinstance(self.api_key_env, str) or not self.api_key_env.isidentifier():
+            raise ConfigError(
+                f"must name an environment variable, got {shown(self.api_key_env)}",
+                key="api_key_env",
+            )
+        check_int(self.max_body_bytes, "max_body_bytes", MIN_BODY_BYTES, MAX_BODY_BYTES)
+        if self.max_tokens is not None:
+            check_int(self.max_tokens, "max_tokens", 1, _MAX_TOKENS)
+
+    def resolve_api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The key the server asks for: ``api_key``, else the ``api_key_env`` variable's value
+        (``None`` when it is unset or empty: no key asked for).
+
+        Raises:
+            ConfigError: the variable holds something that cannot be a bearer key.
+        """
+        if self.api_key is not None:
+            return self.api_key
+        value = environ.get(self.api_key_env, "")
+        if not value:
+            return None
+        # Never show the value: it is a secret, and a wrong one may be another secret.
+        return _check_api_key(value, self.api_key_env, show=False)
+
+
+def _check_api_key(value: object, key: str, *, show: bool = True) -> str:
+    """``value`` if a client can send it as ``Authorization: Bearer <value>``."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"must be a non-empty string, got {type_name(value)}", key=key)
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        raise ConfigError(
+            "must be printable ASCII without spaces (it travels in an HTTP header)"
+            + ("" if show else "; the value is not shown"),
+            key=key,
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +154,7 @@ class Config:
         mailbox_capacity: bound of each actor's mailbox.
         kinds: kinds some model must serve; the file is rejected otherwise.
         metrics: the metrics endpoint.
+        serve: the HTTP server of ``zeta serve``.
         source: the file it came from, if any.
     """
 
@@ -86,6 +165,7 @@ class Config:
     mailbox_capacity: int = 64
     kinds: frozenset[Kind] = frozenset(SERVED_KINDS)
     metrics: MetricsConfig = MetricsConfig()
+    serve: ServeConfig = field(default_factory=ServeConfig)
     source: Path | None = None
 
     @property
@@ -188,10 +268,11 @@ def _param(value: object, key: str) -> ParamValue:
 # --------------------------------------------------------------------------------------------
 # Sections.
 
-_TOP_KEYS = ("scheduler", "policy", "scoring", "metrics", "models")
+_TOP_KEYS = ("scheduler", "policy", "scoring", "metrics", "serve", "models")
 _SCHEDULER_KEYS = ("mailbox_capacity", "kinds")
 _POLICY_KEYS = ("name", "params")
 _METRICS_KEYS = ("enabled", "host", "port")
+_SERVE_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig))
 #: Keys of a ``[[models]]`` entry: :class:`~zeta.ModelSpec`'s fields, and the two that choose a
 #: ladder model instead of a path.
 _MODEL_KEYS = (*(f.name for f in dataclasses.fields(ModelSpec)), "ladder", "seed")
@@ -246,6 +327,15 @@ def parse_config(
         port=check_int(met.get("port", 9464), "metrics.port", 0, 65535),
     )
 
+    raw_serve = _table(data.get("serve", {}), "serve")
+    _check_keys(raw_serve, _SERVE_KEYS, "serve.")
+    if "api_key" in raw_serve and "api_key_env" in raw_serve:
+        raise ConfigError("give either api_key or api_key_env, not both", key="serve.api_key")
+    try:
+        serve = ServeConfig(**raw_serve)
+    except ConfigError as exc:
+        raise exc.under("serve") from None
+
     raw_models = data.get("models")
     if raw_models is None:
         raise ConfigError("no models configured; add at least one [[models]] table", key="models")
@@ -287,6 +377,7 @@ def parse_config(
         mailbox_capacity=capacity,
         kinds=required,
         metrics=metrics,
+        serve=serve,
         source=source,
     )
 

@@ -46,12 +46,31 @@ class InvalidRequestError(InvalidInputError):
     """
 
 
+class ChatTemplateError(InvalidRequestError):
+    """Raised by :meth:`Scheduler.chat <zeta.Scheduler.chat>` and
+    :meth:`~zeta.Scheduler.chat_stream` when the chat template of the model the request was
+    routed to cannot render its messages: the template raised (many refuse a conversation whose
+    roles do not alternate), tried something the sandbox forbids, ran past the sandbox's time or
+    size limits, or does not compile. ``model`` names the model.
+    """
+
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class UnknownModelError(InvalidRequestError):
+    """Raised by the scheduler's public methods when the ``model=`` option names no configured
+    model (the HTTP server answers 404)."""
+
+
 class KernelInputError(InvalidInputError):
     """Raised by the scoring kernel for NaN, negative or infinite inputs or mismatched arrays."""
 
 
 class NoCapableModelError(InvalidInputError):
-    """Raised when no configured model can serve the request's kind at all."""
+    """Raised when no configured model can serve the request's kind at all, or the model that
+    ``model=`` pins the request to does not serve it."""
 
 
 class ModelLoadError(ZetaError):

@@ -21,6 +21,12 @@ is an :class:`~zeta.InvalidRequestError`):
 ``stop``               a sequence of strings (not one string)
 ``temperature``        a finite number in ``[0, MAX_TEMPERATURE]``
 ``seed``               an integer
+``model``              ``None`` or the name of a configured model: the request runs there (on
+                       the least loaded of its replicas), whatever the policy would choose; an
+                       unknown name is an :class:`~zeta.UnknownModelError`, a model that does
+                       not serve the kind a :class:`~zeta.NoCapableModelError`
+``messages``           (chat) OpenAI-style messages; with ``tools``, ``tool_choice`` and
+                       ``response_format``, validated by :func:`zeta._chat.plan_chat`
 =====================  =========================================================================
 """
 
@@ -33,8 +39,9 @@ from typing import Any, TypedDict
 
 import anyio
 
+from ._chat import ChatPlan, plan_chat
 from ._classifier import Classifier
-from ._exceptions import InvalidRequestError, NoCapableModelError
+from ._exceptions import InvalidRequestError, NoCapableModelError, UnknownModelError
 from ._ledger import Ledger
 from ._loop import EventLike
 from ._policies import RouteRequest
@@ -43,7 +50,14 @@ from ._router import Router
 from ._types import KIND_INDEX, Kind, Priority, shown
 from .backends._base import CompletionParams, EmbedParams
 
-__all__ = ["MAX_TEMPERATURE", "MAX_TOKENS", "CompletionOptions", "Intake", "RequestOptions"]
+__all__ = [
+    "MAX_TEMPERATURE",
+    "MAX_TOKENS",
+    "ChatOptions",
+    "CompletionOptions",
+    "Intake",
+    "RequestOptions",
+]
 
 #: The most tokens one completion may ask for.
 MAX_TOKENS = 1 << 20
@@ -60,11 +74,14 @@ class RequestOptions(TypedDict, total=False):
             request must finish (default none).
         admission_timeout: seconds to wait for mailbox room when every capable mailbox is full
             (``0``: refuse at once, ``None``: until the deadline); default the scheduler's.
+        model: run on this configured model (the least loaded of its replicas) instead of where
+            the policy would place the request; ``None`` (the default) lets the policy choose.
     """
 
     priority: Priority | int
     deadline: float | None
     admission_timeout: float | None
+    model: str | None
 
 
 class CompletionOptions(RequestOptions, total=False):
@@ -87,8 +104,32 @@ class CompletionOptions(RequestOptions, total=False):
     seed: int
 
 
+class ChatOptions(CompletionOptions, total=False):
+    """Keyword arguments of a chat request (all optional), besides :class:`CompletionOptions`'.
+
+    ``kind="auto"`` classifies the conversation's system text and last user message.
+
+    Attributes:
+        tools: OpenAI-style tools, ``[{"type": "function", "function": {"name": ...,
+            "description": ..., "parameters": <JSON schema>}}]``, rendered into the chat
+            template.
+        tool_choice: ``"none"``, ``"auto"`` (the default with tools: the model may answer with
+            ``<tool_call>`` blocks, which are returned as ``tool_calls``), ``"required"`` (the
+            reply is constrained to a call of one of the tools) or ``{"type": "function",
+            "function": {"name": ...}}`` (a call of that tool).
+        response_format: ``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type":
+            "json_schema", "json_schema": {"name": ..., "schema": {...}}}``: the reply is
+            constrained to JSON (valid for the schema).
+    """
+
+    tools: Sequence[Mapping[str, Any]] | None
+    tool_choice: str | Mapping[str, Any] | None
+    response_format: Mapping[str, Any] | None
+
+
 _REQUEST_KEYS = frozenset(RequestOptions.__annotations__)
 _COMPLETION_KEYS = frozenset(CompletionOptions.__annotations__) | _REQUEST_KEYS
+_CHAT_KEYS = frozenset(ChatOptions.__annotations__) | _COMPLETION_KEYS
 _TEXT_KINDS = (Kind.SIMPLE, Kind.CODE, Kind.REASON)
 
 
@@ -134,12 +175,39 @@ class Intake:
             InvalidRequestError, NoCapableModelError: after counting the call as invalid.
             Exception: whatever a custom classifier raised, after counting the call as an error.
         """
+        return self._generation(prompt, None, options, stream=stream)
+
+    def chat(self, messages: object, options: Mapping[str, Any], *, stream: bool) -> Request:
+        """A validated, classified chat request (its ``payload.chat`` is the
+        :class:`~zeta._chat.ChatPlan`).
+
+        Raises:
+            InvalidRequestError, NoCapableModelError: after counting the call as invalid.
+            Exception: whatever a custom classifier raised, after counting the call as an error.
+        """
+        return self._generation(None, messages, options, stream=stream)
+
+    def _generation(
+        self, prompt: object, messages: object, options: Mapping[str, Any], *, stream: bool
+    ) -> Request:
         now = self._clock()
         rid = next(self._ids)
         label = Kind.AUTO.value
+        chat: ChatPlan | None = None
         try:
-            _known(options, _COMPLETION_KEYS)
-            text = _text(prompt, "prompt")
+            if messages is None:
+                _known(options, _COMPLETION_KEYS)
+                text = _text(prompt, "prompt")
+            else:
+                _known(options, _CHAT_KEYS)
+                chat = plan_chat(
+                    messages,
+                    tools=options.get("tools"),
+                    tool_choice=options.get("tool_choice"),
+                    response_format=options.get("response_format"),
+                )
+                text = chat.classifier_text
+            rows = self._rows(options)
             kind = options.get("kind", Kind.AUTO)
             k = kind if type(kind) is Kind else _kind(kind)
             label = k.value
@@ -160,15 +228,17 @@ class Intake:
             if type(seed) is not int:
                 raise InvalidRequestError(f"seed must be an integer, got {shown(seed)}")
             if k is Kind.AUTO:
-                verdict = self._classifier.classify(text)
-                k = self._auto_kinds.get(verdict.kind, Kind.SIMPLE)
+                verdict = self._classifier.classify(text) if text else None
+                k = Kind.SIMPLE if verdict is None else verdict.kind
+                k = self._auto_kind(k, rows)
                 label = k.value
-                diff = verdict.difficulty if difficulty is None else difficulty
+                diff = 0.5 if verdict is None else verdict.difficulty
+                if difficulty is not None:
+                    diff = difficulty
             else:
                 diff = 0.5 if difficulty is None else difficulty
-            if not self._router.capable[k]:
-                raise NoCapableModelError(f"no configured model serves {k.value!r}")
-            params = CompletionParams(text, max_tokens, stop, temperature, seed)
+            self._check_served(k, rows, options)
+            params = CompletionParams(text, max_tokens, stop, temperature, seed, chat)
         except Exception as exc:
             # Also a custom classifier's own exception: it reaches the caller as it is, and the
             # call is counted (as an error) like every other.
@@ -177,7 +247,7 @@ class Intake:
         return Request(
             rid,
             params,
-            RouteRequest(k, KIND_INDEX[k], float(max_tokens), diff, priority),
+            RouteRequest(k, KIND_INDEX[k], float(max_tokens), diff, priority, rows),
             created_at=now,
             deadline=deadline,
             admission_timeout=admission_timeout,
@@ -210,21 +280,57 @@ class Intake:
                 for t in batch:
                     _text(t, "every text")
             priority, deadline, admission_timeout = self._common(options, now)
-            if not self._router.capable[Kind.EMBED]:
-                raise NoCapableModelError("no configured model serves 'embed'")
+            rows = self._rows(options)
+            self._check_served(Kind.EMBED, rows, options)
         except Exception as exc:
             self._ledger.record_unrouted(rid, Kind.EMBED.value, now, exc)
             raise
         return Request(
             rid,
             EmbedParams(batch),
-            RouteRequest(Kind.EMBED, KIND_INDEX[Kind.EMBED], 0.0, 0.5, priority),
+            RouteRequest(Kind.EMBED, KIND_INDEX[Kind.EMBED], 0.0, 0.5, priority, rows),
             created_at=now,
             deadline=deadline,
             admission_timeout=admission_timeout,
             preferred=self._router.preferred[Kind.EMBED],
             new_event=self.new_event,
         )
+
+    def _rows(self, options: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """The candidate rows of the model ``model=`` names, or ``None``."""
+        model = options.get("model")
+        if model is None:
+            return None
+        if type(model) is not str:
+            raise InvalidRequestError(f"model must be a string, got {shown(model)}")
+        rows = self._router.rows.get(model)
+        if rows is None:
+            raise UnknownModelError(
+                f"no configured model is named {shown(model)}; the models are "
+                f"{sorted(self._router.rows)}"
+            )
+        return rows
+
+    def _auto_kind(self, verdict: Kind, rows: tuple[int, ...] | None) -> Kind:
+        """What an auto request classified as ``verdict`` is served as: the kind itself if it
+        is served (by the pinned model, if any), else the first such text kind."""
+        if rows is None:
+            return self._auto_kinds.get(verdict, Kind.SIMPLE)
+        kinds = self._router.candidates[rows[0]].kinds
+        if verdict in kinds:
+            return verdict
+        return next((k for k in _TEXT_KINDS if k in kinds), verdict)
+
+    def _check_served(
+        self, kind: Kind, rows: tuple[int, ...] | None, options: Mapping[str, Any]
+    ) -> None:
+        if rows is None:
+            if not self._router.capable[kind]:
+                raise NoCapableModelError(f"no configured model serves {kind.value!r}")
+        elif kind not in self._router.candidates[rows[0]].kinds:
+            raise NoCapableModelError(
+                f"model {options.get('model')!r} does not serve {kind.value!r}"
+            )
 
     def _common(
         self, options: Mapping[str, Any], now: float

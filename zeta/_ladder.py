@@ -31,6 +31,7 @@ from typing import BinaryIO
 import gguf
 import numpy as np
 
+from ._chat import CHATML_TEMPLATE
 from ._exceptions import ConfigError
 from ._types import Kind, ModelSpec
 
@@ -50,7 +51,7 @@ __all__ = [
 
 #: Bumped whenever the vocabulary, layout or weight recipe changes; part of every file name, so
 #: a new version never reads a stale cached file.
-LADDER_VERSION = 1
+LADDER_VERSION = 2
 
 #: Environment variable that overrides where generated models are cached.
 CACHE_ENV = "ZETA_CACHE_DIR"
@@ -71,6 +72,8 @@ class LadderModel:
         f16: store the 2-D weights as float16 (half the bytes per token read); norms stay f32.
         byte_output: let the model generate byte tokens too, so completions contain characters
             split across tokens and invalid UTF-8; for testing decoders. Off for the ladder.
+        chat_template: the ``tokenizer.chat_template`` written to the file (ChatML by default;
+            ``None`` writes none), for tests of templates that misbehave.
     """
 
     name: str
@@ -82,6 +85,7 @@ class LadderModel:
     n_ctx_train: int = 4096
     f16: bool = False
     byte_output: bool = False
+    chat_template: str | None = CHATML_TEMPLATE
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -145,21 +149,25 @@ _CODE_PIECES = (
     "▁▁", "▁▁▁▁", "▁▁▁▁▁▁▁▁", "▁=", "▁+", "▁-", "▁*", "▁/", "▁(", "▁{", "▁[", "▁#", "▁//",
 )  # fmt: skip
 
-_SPECIALS = ("<unk>", "<s>", "</s>")
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+#: Special tokens: SentencePiece's three, then ChatML's turn markers, which the ladder's chat
+#: template (:data:`zeta._chat.CHATML_TEMPLATE`) writes and llama.cpp reads as control tokens
+#: (``<|im_end|>`` ends generation).
+_SPECIALS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3, 4
 
 
 def build_vocab() -> tuple[list[str], list[float], list[int]]:
     """The ladder's SentencePiece-style vocabulary: ``(tokens, scores, token_types)``.
 
-    Layout: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens ``<0x00>``..``<0xFF>`` (so any text
+    Layout: ``<unk>``, ``<s>``, ``</s>``, ``<|im_start|>``, ``<|im_end|>``, the 256 byte tokens ``<0x00>``..``<0xFF>`` (so any text
     tokenizes, byte by byte where no piece matches), then normal pieces: printable ASCII, ``▁``,
     and words with and without a leading ``▁``. Every prefix of a multi-character piece is a
     piece too, because llama.cpp's SPM tokenizer builds pieces by merging adjacent symbols and
     can only reach a piece whose prefixes exist. Longer pieces score higher, so they win merges.
     """
     tokens: list[str] = list(_SPECIALS)
-    types: list[int] = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types: list[int] = [gguf.TokenType.UNKNOWN]
+    types += [gguf.TokenType.CONTROL] * (len(_SPECIALS) - 1)
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [gguf.TokenType.BYTE] * 256
     pieces = {chr(c) for c in range(0x21, 0x7F)} | {"▁"}
@@ -413,6 +421,9 @@ def _write_gguf(path: str, m: LadderModel, seed: int) -> None:
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    w.add_eot_token_id(IM_END_ID)
+    if m.chat_template is not None:
+        w.add_chat_template(m.chat_template)
 
     weight_dtype = np.dtype(np.float16 if m.f16 else np.float32)
     plan = list(_tensor_plan(m))

@@ -62,7 +62,9 @@ class RouteRequest:
 
     ``kind`` is a served kind (``AUTO`` is resolved before routing) and ``kind_index`` its
     column in the table; ``est_tokens`` is the expected output length the kernel multiplies by
-    the per-token estimate; ``difficulty`` is in ``[0, 1]``.
+    the per-token estimate; ``difficulty`` is in ``[0, 1]``. ``rows``, when given, pins the
+    request to those candidate rows (the replicas of the model a caller named with ``model=``):
+    the router places it there itself, and the policy is not asked.
     """
 
     kind: Kind
@@ -70,6 +72,7 @@ class RouteRequest:
     est_tokens: float
     difficulty: float = 0.5
     priority: Priority = Priority.NORMAL
+    rows: tuple[int, ...] | None = None
 
 
 class Policy(Protocol):

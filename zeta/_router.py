@@ -110,6 +110,10 @@ class Router:
             kind: tuple(c.index for c in self.candidates if kind in c.kinds)
             for kind in SERVED_KINDS
         }
+        #: Each model's candidate rows (its replicas), by name.
+        self.rows: dict[str, tuple[int, ...]] = {}
+        for c in self.candidates:
+            self.rows[c.model] = (*self.rows.get(c.model, ()), c.index)
         #: The model the fixed rules prefer for each kind (spills are counted against it).
         self.preferred: dict[Kind, str | None] = {}
         for kind in SERVED_KINDS:
@@ -125,6 +129,8 @@ class Router:
         Raises:
             RuntimeError: the policy returned a row that cannot take the request (a policy bug).
         """
+        if request.rows is not None:
+            return self._pinned(request.rows)
         i = self.policy.choose(request, self.table, self.candidates)
         if i is None or not self._check:
             return i
@@ -142,6 +148,18 @@ class Router:
             )
         return i
 
+    def _pinned(self, rows: Sequence[int]) -> int | None:
+        """The least loaded available row of ``rows`` (per slot), or ``None``."""
+        table = self.table
+        best, best_load = None, math.inf
+        for i in rows:
+            if table.available(i):
+                queue, in_flight = table.load(i)
+                load = (queue + in_flight) / max(1, table.slots(i))
+                if load < best_load:
+                    best, best_load = i, load
+        return best
+
     def scope(self, request: RouteRequest) -> tuple[int, ...]:
         """Rows the policy may place ``request`` on, whatever their state and load.
 
@@ -150,6 +168,8 @@ class Router:
         policy declines, to tell "all down" from "all full".
         """
         capable = self.capable[request.kind]
+        if request.rows is not None:
+            return tuple(i for i in request.rows if i in capable)
         scope = getattr(self.policy, "scope", None)
         if scope is None:
             return capable
@@ -158,6 +178,8 @@ class Router:
 
     def fallback(self, request: RouteRequest) -> int | None:
         """The kernel's choice regardless of policy (used to retry off a dead actor)."""
+        if request.rows is not None:
+            return self._pinned(request.rows)
         i = self.table.choose(request.kind_index, request.est_tokens)
         return None if i == NO_CANDIDATE else i
 

@@ -17,7 +17,7 @@ import enum
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Unpack
@@ -29,10 +29,11 @@ from anyio.abc import TaskStatus
 from ._actor import ModelActor, ThreadWorker, ToThreadWorker, Worker
 from ._admission import Admission
 from ._calibration import Calibrator
+from ._chat import ChatResult
 from ._classifier import Classifier, HeuristicClassifier
 from ._config import MAX_MAILBOX_CAPACITY, Config, MetricsConfig, load_config
 from ._exceptions import ConfigError
-from ._intake import CompletionOptions, Intake, RequestOptions
+from ._intake import ChatOptions, CompletionOptions, Intake, RequestOptions
 from ._ledger import Ledger
 from ._loop import LoopHandle
 from ._policies import Policy, make_policy
@@ -420,7 +421,9 @@ class Scheduler:
         result: CompletionResult = await self._execute(request)
         return result
 
-    def stream(self, prompt: str, **options: Unpack[CompletionOptions]) -> TokenStream:
+    def stream(
+        self, prompt: str, **options: Unpack[CompletionOptions]
+    ) -> TokenStream[CompletionResult]:
         """Like :meth:`complete`, but yields the text piece by piece as it is generated::
 
             async with zs.stream("Tell me a story") as pieces:
@@ -437,6 +440,53 @@ class Scheduler:
         """
         request = self._intake.completion(prompt, options, stream=True)
         return TokenStream(request, self._admission, self._ledger, self._clock)
+
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], **options: Unpack[ChatOptions]
+    ) -> ChatResult:
+        """Answer a conversation on the best model for it now, rendered with that model's own
+        chat template::
+
+            reply = await zs.chat([{"role": "user", "content": "Sort a list in Python"}])
+
+        Args:
+            messages: OpenAI-style messages: ``{"role": "system" | "developer" | "user" |
+                "assistant" | "tool", "content": ...}`` (content a string or a list of text
+                parts; an assistant message may carry ``tool_calls``, a tool message its
+                ``tool_call_id``).
+            **options: see :class:`~zeta.ChatOptions`: the completion options, and ``tools``,
+                ``tool_choice`` and ``response_format``.
+
+        Returns:
+            The reply, with any tool calls read from it.
+
+        Raises the same errors as :meth:`complete`, and :class:`~zeta.ChatTemplateError` (an
+        :class:`~zeta.InvalidRequestError`, naming the model) when the chosen model's template
+        cannot render the messages.
+        """
+        request = self._intake.chat(messages, options, stream=False)
+        plan = request.payload.chat  # type: ignore[union-attr]
+        assert plan is not None
+        completed: CompletionResult = await self._execute(request)
+        return plan.reply().finish(completed)
+
+    def chat_stream(
+        self, messages: Sequence[Mapping[str, Any]], **options: Unpack[ChatOptions]
+    ) -> TokenStream[ChatResult]:
+        """Like :meth:`chat`, but yields the reply's text piece by piece (see :meth:`stream`).
+
+        Tool-call text is not streamed: under ``tool_choice="auto"`` the stream holds back text
+        that may start a ``<tool_call>`` block and stops where one begins; a forced call
+        streams nothing. After the last piece, ``.result`` holds the :class:`~zeta.ChatResult`
+        with the calls.
+
+        Raises:
+            InvalidRequestError, NoCapableModelError: at once, for invalid arguments.
+        """
+        request = self._intake.chat(messages, options, stream=True)
+        plan = request.payload.chat  # type: ignore[union-attr]
+        assert plan is not None
+        return TokenStream(request, self._admission, self._ledger, self._clock, plan.reply())
 
     async def embed(
         self, texts: str | Sequence[str], **options: Unpack[RequestOptions]

@@ -1,8 +1,9 @@
-"""The caller's side of a streamed completion: :class:`TokenStream`."""
+"""The caller's side of a streamed completion or chat reply: :class:`TokenStream`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 import anyio.lowlevel
 
@@ -13,10 +14,24 @@ from .telemetry._recorder import Outcome
 
 __all__ = ["TokenStream"]
 
+R = TypeVar("R", covariant=True)
 
-class TokenStream:
+
+class Reader(Protocol[R]):
+    """Turns a completion's pieces and result into what the caller sees (a chat reply's
+    :class:`~zeta._chat.ChatReply`): pieces to pass on, the result, then a last piece."""
+
+    tail: str
+
+    def feed(self, piece: str) -> str: ...
+
+    def finish(self, completed: CompletionResult) -> R: ...
+
+
+class TokenStream(Generic[R]):
     """The pieces of one streamed completion, as an async iterator (see
-    :meth:`Scheduler.stream <zeta.Scheduler.stream>`).
+    :meth:`Scheduler.stream <zeta.Scheduler.stream>` and
+    :meth:`~zeta.Scheduler.chat_stream`).
 
     Also an async context manager whose exit stops the request if it is still running. The
     request is admitted on the first iteration; its end is counted in the ledger once, however
@@ -29,21 +44,24 @@ class TokenStream:
         admission: Admission,
         ledger: Ledger,
         clock: Callable[[], float],
+        reader: Reader[R] | None = None,
     ) -> None:
         self._request = request
         self._admission = admission
         self._ledger = ledger
         self._clock = clock
+        self._reader = reader
         self._admitted = False
         self._ended = False
-        #: The finished completion, once the last piece has been consumed.
-        self.result: CompletionResult | None = None
+        #: The finished completion (:class:`~zeta.CompletionResult`, or a chat stream's
+        #: :class:`~zeta.ChatResult`), once the last piece has been consumed.
+        self.result: R | None = None
 
     @property
     def request_id(self) -> int:
         return self._request.id
 
-    def __aiter__(self) -> TokenStream:
+    def __aiter__(self) -> TokenStream[R]:
         return self
 
     async def __anext__(self) -> str:
@@ -56,15 +74,24 @@ class TokenStream:
                 await self._admission.admit(request)
             pieces = request.pieces
             assert pieces is not None
+            reader = self._reader
             while True:
                 if pieces:
+                    piece = pieces.popleft()
+                    if reader is not None and not (piece := reader.feed(piece)):
+                        continue
                     await anyio.lowlevel.checkpoint()
-                    return pieces.popleft()
+                    return piece
                 if request.done:
                     if request.error is not None:
                         raise request.error
-                    self.result = request.result
+                    if reader is None:
+                        self.result = request.result
+                    else:
+                        self.result = reader.finish(request.result)
                     self._end(Outcome.OK)
+                    if reader is not None and reader.tail:
+                        return reader.tail  # text held back as a possible tool call's start
                     raise StopAsyncIteration
                 await request.wait_progress(self._clock)
         except StopAsyncIteration:
@@ -95,7 +122,7 @@ class TokenStream:
         self._ledger.record(self._request, Outcome.CANCELLED)
         return True
 
-    async def __aenter__(self) -> TokenStream:
+    async def __aenter__(self) -> TokenStream[R]:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .._chat import ChatPlan
 from .._exceptions import BackendError
 from .._types import ModelSpec
 
@@ -26,13 +27,19 @@ TokenCallback = Callable[[str], bool]
 
 @dataclass(frozen=True, slots=True)
 class CompletionParams:
-    """What a completion asks of a backend."""
+    """What a completion asks of a backend.
+
+    A chat request carries its validated conversation as ``chat``: the backend renders it with
+    the model's own chat template (``prompt`` is then only what ``kind="auto"`` was classified
+    from) and constrains the output to ``chat.json_schema`` when there is one.
+    """
 
     prompt: str
     max_tokens: int = 128
     stop: tuple[str, ...] = ()
     temperature: float = 0.0
     seed: int = 0
+    chat: ChatPlan | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,9 +72,20 @@ file.
   unverified files directly, in this process.
 * ``probe_timeout_s`` (default 300): how long the probe may take to load and use the model.
 
+Chat. A chat request's messages are rendered with the model's own ``tokenizer.chat_template``
+(in Jinja2's sandbox, :class:`~zeta._chat.ChatTemplate`; a model without one gets the ChatML
+fallback) and the result is tokenized with special tokens parsed, as llama.cpp's server does, so
+the template's turn markers become control tokens. (Message text that spells a control token
+becomes that token too; the server behaves the same.) A reply constrained to a JSON schema
+(``response_format`` or a forced tool call) samples through a grammar sampler built from the
+schema by llama-cpp-python's converter (with integer bounds added, :mod:`._grammar`), ahead of the usual chain, so every token
+keeps the output a prefix of a valid instance; once the instance is complete only end-of-generation
+tokens remain.
+
 Every per-request input problem (text that is not valid Unicode, a prompt and ``max_tokens``
-that do not fit a slot, a parameter out of range) raises :class:`~zeta.InvalidRequestError` and
-leaves the context usable.
+that do not fit a slot, a parameter out of range, a template that cannot render the messages, a
+schema llama.cpp cannot turn into a grammar) raises :class:`~zeta.InvalidRequestError` and leaves
+the context usable.
 
 ``llama_cpp`` is imported on first use, so importing zeta never needs it.
 """
@@ -84,6 +95,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import json
 import logging
 import math
 import os
@@ -97,11 +109,13 @@ from typing import Any
 
 import numpy as np
 
+from .._chat import ChatTemplate
 from .._exceptions import BackendError, ConfigError, InvalidRequestError, ModelLoadError
 from .._types import Kind, ModelSpec
 from ..telemetry._logging import get_logger
 from ._base import Completion, CompletionParams, Embedding, TokenCallback, run_alone
 from ._gguf_check import check_gguf
+from ._grammar import json_schema_grammar
 from ._probe import ProbeRequest, verify
 
 __all__ = ["LlamaCppBackend", "check_model_file", "open_backend"]
@@ -134,6 +148,8 @@ _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 #: llama_flash_attn_type by option value: AUTO, DISABLED, ENABLED.
 _FLASH_ATTN: dict[object, int] = {"auto": -1, False: 0, True: 1}
 
+#: JSON-schema grammars kept per context.
+_GRAMMAR_CACHE = 64
 #: The largest text llama_tokenize takes: its length is an int32.
 _MAX_TEXT_BYTES = 0x7FFFFFFF - 8
 
@@ -489,10 +505,13 @@ class LlamaCppBackend:
             # The beginning-of-sequence token every prompt starts with is no prefix worth
             # reusing on its own.
             self._n_bos = 1 if lib.llama_vocab_get_add_bos(self._vocab) else 0
+            self._template = self._chat_template()
         except BaseException:
             self._free()
             raise
         self._pieces: dict[int, bytes] = {}
+        #: Grammars built from JSON schemas, by the schema's JSON text (most recent last).
+        self._grammars: dict[str, str] = {}
         self._slots = [_Slot(i) for i in range(self.slots)]
         #: Admitted sequences by key, in admission order (prefill is first come, first served).
         self._seqs: dict[int, _Sequence] = {}
@@ -648,8 +667,56 @@ class LlamaCppBackend:
             lib.llama_model_free(self._model)
             self._model = None
 
-    def _tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Token ids of ``text``.
+    def _chat_template(self) -> ChatTemplate:
+        """The model's chat template (the ChatML fallback if its file has none)."""
+        lib, name = self._lib, self.spec.name
+        key = b"tokenizer.chat_template"
+        n = lib.llama_model_meta_val_str(self._model, key, None, 0)
+        if n < 0:
+            source, error = None, None
+        else:
+            buf = ctypes.create_string_buffer(n + 1)
+            lib.llama_model_meta_val_str(self._model, key, buf, n + 1)
+            try:
+                source, error = buf.raw[:n].decode("utf-8"), None
+            except UnicodeDecodeError:
+                source, error = "", "tokenizer.chat_template is not valid UTF-8"
+
+        def text(token: int) -> str:
+            if token < 0:
+                return ""
+            buf = ctypes.create_string_buffer(256)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+            return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+        bos = text(lib.llama_vocab_bos(self._vocab))
+        eos = text(lib.llama_vocab_eos(self._vocab))
+        self._bos_text = bos
+        return ChatTemplate(source, model=name, bos_token=bos, eos_token=eos, error=error)
+
+    def _grammar(self, schema: Any) -> str:
+        """The GBNF grammar of a JSON schema (cached).
+
+        Raises:
+            InvalidRequestError: llama-cpp-python cannot convert the schema.
+        """
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            try:
+                grammar = json_schema_grammar(schema)
+            except Exception as exc:  # its converter raises plain exceptions of several types
+                raise InvalidRequestError(
+                    f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: {exc}"
+                ) from None
+            if len(self._grammars) >= _GRAMMAR_CACHE:
+                del self._grammars[next(iter(self._grammars))]
+        self._grammars[key] = grammar
+        return grammar
+
+    def _tokenize(self, text: str, *, add_special: bool, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``; control tokens spelled in it are parsed only if
+        ``parse_special`` (a rendered chat template's turn markers).
 
         Raises:
             InvalidRequestError: ``text`` is not a string, is not valid Unicode (a lone
@@ -660,8 +727,10 @@ class LlamaCppBackend:
         capacity = len(data) + 8
         for _ in range(2):
             buf = (lib.llama_token * capacity)()
-            # parse_special=False: a prompt must not be able to inject control tokens.
-            n = lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, False)
+            # A plain prompt must not be able to inject control tokens: parse_special is off.
+            n = lib.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
             if n >= 0:
                 return list(buf[:n])
             if n == -(2**31):  # llama.cpp: the result would not fit an int32
@@ -700,8 +769,19 @@ class LlamaCppBackend:
 
     def _sampler(self, params: CompletionParams) -> Any:
         lib = self._lib
+        grammar = None
+        if params.chat is not None and params.chat.json_schema is not None:
+            grammar = self._grammar(params.chat.json_schema).encode()
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         try:
+            if grammar is not None:
+                with _capturing_native_errors() as errors:
+                    constrained = lib.llama_sampler_init_grammar(self._vocab, grammar, b"root")
+                if not constrained:
+                    raise InvalidRequestError(
+                        f"llama.cpp refused the grammar of the JSON schema: {_reason(errors)}"
+                    )
+                lib.llama_sampler_chain_add(chain, constrained)
             if params.temperature <= 0.0:
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             else:
@@ -723,7 +803,15 @@ class LlamaCppBackend:
         if self._embeddings_only:
             raise InvalidRequestError(f"model {name!r} serves embeddings only")
         _check_params(params)
-        prompt = self._tokenize(params.prompt, add_special=True)
+        if params.chat is None:
+            prompt = self._tokenize(params.prompt, add_special=True)
+        else:
+            text = self._template.render(params.chat.messages, params.chat.tools)
+            # A template that writes the BOS token itself must not get a second one.
+            bos_text = self._bos_text
+            prompt = self._tokenize(
+                text, add_special=not (bos_text and text.startswith(bos_text)), parse_special=True
+            )
         if not prompt:
             raise InvalidRequestError("the prompt encodes to no tokens")
         if params.max_tokens < 1:

@@ -14,6 +14,11 @@ scaled by a seeded jitter factor. Time is spent in :func:`time.sleep` on the cal
 thread, so the scheduler sees exactly the blocking behaviour of a real context. Embeddings are
 deterministic vectors derived from a hash of each text.
 
+Chat requests are rendered with the ChatML fallback template (:data:`zeta._chat.CHATML_TEMPLATE`),
+in the same sandbox as a real model's. A reply constrained to a JSON schema (``response_format``
+or a forced tool call) is a deterministic instance of the schema, as JSON text in pieces of a few
+characters, ending ``"stop"`` (or ``"length"`` when ``max_tokens`` cuts it).
+
 Failure injection, for tests of the supervisor, comes from a :class:`FailurePlan` in
 ``options["failures"]``: each call (a completion's admission, or an embedding) draws one outcome (``"ok"``, ``"error"``, ``"raise"``, ``"die"``,
 ``"hang"``, ``"midstream"``) from a script and/or probabilities, and each open may fail. A plan object is shared by
@@ -39,6 +44,7 @@ Options (all optional):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import threading
@@ -46,7 +52,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from .._chat import ChatTemplate, resolve_pointer
 from .._exceptions import BackendError, ConfigError, ModelLoadError
 from .._types import ModelSpec
 from ._base import Completion, CompletionParams, Embedding, TokenCallback, run_alone
@@ -199,20 +207,28 @@ class _Sequence:
 
     __slots__ = (
         "first_token_s", "hash", "midstream", "n_out", "on_token", "pieces", "prefill_left",
-        "prompt_tokens", "start", "started_prefill",
+        "prompt_tokens", "script", "start", "started_prefill",
     )  # fmt: skip
 
     def __init__(
-        self, params: CompletionParams, on_token: TokenCallback | None, n_out: int, midstream: bool
+        self,
+        prompt: str,
+        params: CompletionParams,
+        on_token: TokenCallback | None,
+        n_out: int,
+        midstream: bool,
+        script: list[str] | None = None,
     ) -> None:
         self.start = time.perf_counter()
         self.on_token = on_token
-        self.prompt_tokens = _count_tokens(params.prompt)
+        self.prompt_tokens = _count_tokens(prompt)
         self.prefill_left = self.prompt_tokens
         self.started_prefill = False
-        self.n_out = n_out
         self.midstream = midstream
-        self.hash = _hash(params.prompt) + params.seed
+        self.hash = _hash(prompt) + params.seed
+        #: The pieces of a scripted reply (JSON for a schema), else ``None``: words.
+        self.script = script
+        self.n_out = n_out if script is None else min(n_out, len(script))
         self.pieces: list[str] = []
         self.first_token_s = 0.0
 
@@ -240,6 +256,7 @@ class SimulatedBackend:
         self.spec = spec
         self.replica = replica
         self.slots = spec.slots
+        self._template = ChatTemplate(None, model=spec.name)
         self.base_s = _seconds(opts, "base_s")
         self.per_prompt_token_s = _seconds(opts, "per_prompt_token_s")
         self.per_output_token_s = _seconds(opts, "per_output_token_s")
@@ -273,13 +290,19 @@ class SimulatedBackend:
         """Take a completion into a free slot (its prompt is read by the next steps)."""
         if len(self._seqs) >= self.slots:
             raise BackendError(f"{self.spec.name}[{self.replica}]: no free slot")
-        midstream = self._enter("complete", params.prompt)
+        prompt, script = params.prompt, None
+        if params.chat is not None:
+            prompt = self._template.render(params.chat.messages, params.chat.tools)
+            if params.chat.json_schema is not None:
+                text = json.dumps(schema_instance(params.chat.json_schema, params.seed))
+                script = [text[i : i + 4] for i in range(0, len(text), 4)]
+        midstream = self._enter("complete", prompt)
         n_out = (
             params.max_tokens
-            if self.output_tokens is None
+            if self.output_tokens is None or script is not None
             else min(self.output_tokens, params.max_tokens)
         )
-        self._seqs[seq] = _Sequence(params, on_token, n_out, midstream)
+        self._seqs[seq] = _Sequence(prompt, params, on_token, n_out, midstream, script)
 
     def step(self) -> list[tuple[int, Completion]]:
         """Sleep one modelled step, then give every sequence its next token."""
@@ -309,7 +332,7 @@ class SimulatedBackend:
             if s.prefill_left:
                 continue
             i = len(s.pieces)
-            piece = _WORDS[(s.hash + i) % len(_WORDS)] + " "
+            piece = _WORDS[(s.hash + i) % len(_WORDS)] + " " if s.script is None else s.script[i]
             s.pieces.append(piece)
             if i == 0:
                 s.first_token_s = time.perf_counter() - s.start
@@ -320,7 +343,7 @@ class SimulatedBackend:
                 self._dead = True
                 raise SimulatedCrash(f"{self.spec.name}[{self.replica}]: died mid-stream")
             elif len(s.pieces) >= s.n_out:
-                finish = "length"
+                finish = "stop" if s.script is not None and s.n_out == len(s.script) else "length"
             if finish is not None:
                 del seqs[key]
                 ended.append((key, s.completion(finish)))
@@ -398,6 +421,56 @@ def _hash(text: str) -> int:
     return int.from_bytes(
         hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     )
+
+
+def schema_instance(schema: Mapping[str, Any], seed: int = 0) -> Any:
+    """A deterministic instance of a JSON schema that :func:`zeta._chat.check_schema` accepted:
+    what a grammar-constrained model could produce. Varies with ``seed``."""
+    rng = random.Random(seed)
+
+    def gen(node: Any, depth: int) -> Any:
+        if not isinstance(node, Mapping) or depth > 24:
+            return None
+        if "$ref" in node:
+            return gen(resolve_pointer(schema, node["$ref"]), depth + 1)
+        if "const" in node:
+            return node["const"]
+        if "enum" in node:
+            return rng.choice(list(node["enum"]))
+        for key in ("anyOf", "oneOf", "allOf"):
+            if node.get(key):
+                return gen(node[key][0], depth + 1)
+        kind = node.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind is None:
+            kind = "object" if "properties" in node else "string"
+        if kind == "object":
+            props = node.get("properties", {})
+            return {k: gen(v, depth + 1) for k, v in props.items()}
+        if kind == "array":
+            low = int(node.get("minItems", 0))
+            high = max(low, min(int(node.get("maxItems", low + 2)), low + 2))
+            items = node.get("items", {})
+            return [gen(items, depth + 1) for _ in range(rng.randint(low, high))]
+        if kind == "string":
+            low = int(node.get("minLength", 0))
+            high = int(node.get("maxLength", max(low, 12)))
+            text = ""
+            while len(text) < low or not text:
+                text += rng.choice(_WORDS)
+            return text[: max(low, min(high, len(text)))]
+        if kind in ("integer", "number"):
+            low = node.get("minimum", 0)
+            high = max(low, node.get("maximum", low + 100))
+            if kind == "number":
+                return round(rng.uniform(low, high), 3)
+            return rng.randint(math.ceil(low), max(math.ceil(low), math.floor(high)))
+        if kind == "boolean":
+            return rng.random() < 0.5
+        return None
+
+    return gen(schema, 0)
 
 
 def _vector(text: str, dim: int) -> list[float]:
