@@ -26,7 +26,8 @@ requests), and the ratios zeta / (zeta slots=1) and zeta / (bare loop), paired w
 (median and min-max).
 
 Targets: at 8 in flight, zeta at least 3x slots=1 on the coder and 4.5x on the reasoner, and at
-least 85% of the bare loop; at 1 in flight, within 3% of slots=1.
+least 85% of the bare loop and at least llama-server's throughput; at 1 in flight, within 3% of
+slots=1.
 """
 
 from __future__ import annotations
@@ -289,7 +290,11 @@ def summarize_level(level: Level) -> dict[str, Any]:
             "p99_s": stats.p99_s,
         }
     ratios: dict[str, Any] = {}
-    for label, base in ((f"{ZETA}/{SINGLE}", SINGLE), (f"{ZETA}/{BARE}", BARE)):
+    for label, base in (
+        (f"{ZETA}/{SINGLE}", SINGLE),
+        (f"{ZETA}/{BARE}", BARE),
+        (f"{ZETA}/{SERVER}", SERVER),
+    ):
         if ZETA in level.runs and base in level.runs:
             pairs = zip(level.runs[ZETA], level.runs[base], strict=True)
             ratios[label] = _spread([a.tokens_per_s / b.tokens_per_s for a, b in pairs])
