@@ -21,7 +21,14 @@ import llama_cpp  # noqa: F401  (a hard dependency: a broken install must fail, 
 import numpy as np
 import pytest
 
-from zeta import BackendError, InvalidRequestError, Kind, ModelLoadError, ModelSpec
+from zeta import (
+    BackendError,
+    ContextWindowExceeded,
+    InvalidRequestError,
+    Kind,
+    ModelLoadError,
+    ModelSpec,
+)
 from zeta.backends import Completion, CompletionParams, get_backend
 from zeta.backends._base import BatchBackend
 from zeta.backends.llama_cpp import LlamaCppBackend, _held_back, check_model_file, open_backend
@@ -271,8 +278,11 @@ def test_prompt_and_max_tokens_must_fit_a_slot(tiny_models: dict[str, Path]) -> 
         backend.step()
         with pytest.raises(InvalidRequestError, match="context of 32 tokens per request"):
             backend.admit(2, CompletionParams("word " * 40, max_tokens=4), None)
-        with pytest.raises(InvalidRequestError, match=f"max_tokens {33 - n_prompt};"):
+        with pytest.raises(ContextWindowExceeded, match=f"max_tokens {33 - n_prompt};") as info:
             backend.admit(3, CompletionParams("x", max_tokens=33 - n_prompt), None)
+        error = info.value
+        assert (error.model, error.n_ctx, error.prompt_tokens) == ("m", 32, n_prompt)
+        assert error.max_tokens == 33 - n_prompt
         with pytest.raises(InvalidRequestError, match="at least 1"):
             backend.admit(4, CompletionParams("x", max_tokens=0), None)
         # The sequence admitted before goes on unharmed, and exactly 32 tokens fit.

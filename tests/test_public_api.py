@@ -24,6 +24,7 @@ PUBLIC = (
     "CompletionResult",
     "Config",
     "ConfigError",
+    "ContextWindowExceeded",
     "DeadlineExceeded",
     "DynamicPolicy",
     "EmbeddingResult",

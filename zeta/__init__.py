@@ -17,6 +17,7 @@ from ._exceptions import ActorDead as ActorDead
 from ._exceptions import BackendError as BackendError
 from ._exceptions import ChatTemplateError as ChatTemplateError
 from ._exceptions import ConfigError as ConfigError
+from ._exceptions import ContextWindowExceeded as ContextWindowExceeded
 from ._exceptions import DeadlineExceeded as DeadlineExceeded
 from ._exceptions import InvalidInputError as InvalidInputError
 from ._exceptions import InvalidRequestError as InvalidRequestError
@@ -82,6 +83,7 @@ __all__ = (
     "CompletionResult",
     "Config",
     "ConfigError",
+    "ContextWindowExceeded",
     "DeadlineExceeded",
     "DynamicPolicy",
     "EmbeddingResult",

@@ -54,6 +54,7 @@ __all__ = [
     "ChatReply",
     "ChatResult",
     "ChatTemplate",
+    "ControlText",
     "ToolCall",
     "parse_tool_calls",
     "plan_chat",
@@ -1054,6 +1055,69 @@ class ChatTemplate:
         return "".join(out)
 
 
+# -- control tokens in message text --------------------------------------------------------------
+
+#: A placeholder's delimiters: private-use characters, which no template or tokenizer treats
+#: specially.
+_SHIELD_OPEN, _SHIELD_CLOSE = "\ue000", "\ue001"
+_SHIELD = re.compile(f"{_SHIELD_OPEN}(\\d+){_SHIELD_CLOSE}")
+
+
+class ControlText:
+    """Finds a model's control-token texts (``<|im_start|>``, ``<|eot_id|>``, ...) in what the
+    caller wrote, so that a message cannot forge a turn.
+
+    The rendered prompt is tokenized with special tokens parsed (the template's turn markers
+    must become control tokens), so :meth:`shield` first replaces every control text in the
+    messages and tools with a numbered placeholder; after rendering, :meth:`pieces` splits the
+    prompt at the placeholders, and the backend tokenizes each original text as plain text.
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        texts = sorted({t for t in texts if t}, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def shield(self, data: Any) -> tuple[Any, list[str]]:
+        """``data`` (messages or tools) with control texts replaced by placeholders, and the
+        texts replaced, by placeholder number (empty: nothing to shield, ``data`` itself)."""
+        pattern = self._pattern
+        found: list[str] = []
+        if pattern is None:
+            return data, found
+
+        def replace(match: re.Match[str]) -> str:
+            found.append(match.group(0))
+            return f"{_SHIELD_OPEN}{len(found) - 1}{_SHIELD_CLOSE}"
+
+        def walk(value: Any) -> Any:
+            if isinstance(value, str):
+                return pattern.sub(replace, value) if pattern.search(value) else value
+            if isinstance(value, Mapping):
+                return {walk(k): walk(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return type(value)(walk(v) for v in value)
+            return value
+
+        shielded = walk(data)
+        return (shielded, found) if found else (data, found)
+
+    @staticmethod
+    def pieces(text: str, found: Sequence[str]) -> list[tuple[str, bool]]:
+        """``text`` split at placeholders: ``(piece, is_template_text)``; each placeholder is
+        replaced by the control text it stands for, marked as caller's text."""
+        out: list[tuple[str, bool]] = []
+        pos = 0
+        for match in _SHIELD.finditer(text):
+            index = int(match.group(1))
+            if index >= len(found):
+                continue
+            out.append((text[pos : match.start()], True))
+            out.append((found[index], False))
+            pos = match.end()
+        out.append((text[pos:], True))
+        return [(piece, special) for piece, special in out if piece]
+
+
 # -- reading the reply --------------------------------------------------------------------------
 
 _OPEN = "<tool_call>"
@@ -1196,7 +1260,11 @@ class ChatReply:
                 text, calls = "", (call,)
         elif self._watch:
             text, calls = parse_tool_calls(text, names)
-        self.tail = "" if calls else completed.text[self._streamed :]
+        streamed = completed.text[: self._streamed]
+        if not calls:
+            self.tail = completed.text[self._streamed :]
+        else:  # the text around the calls, past what was streamed before the first one
+            self.tail = text[len(streamed) :] if text.startswith(streamed) else ""
         return ChatResult(
             text=text,
             tool_calls=calls,

@@ -46,6 +46,23 @@ class InvalidRequestError(InvalidInputError):
     """
 
 
+class ContextWindowExceeded(InvalidRequestError):
+    """Raised when a request's prompt plus ``max_tokens`` does not fit the context of one slot
+    of the model it was routed to (``ModelSpec.n_ctx``), before it runs. ``model``,
+    ``n_ctx``, ``prompt_tokens`` and ``max_tokens`` say by how much (OpenAI's
+    ``context_length_exceeded``).
+    """
+
+    def __init__(
+        self, message: str, *, model: str, n_ctx: int, prompt_tokens: int, max_tokens: int
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.n_ctx = n_ctx
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+
+
 class ChatTemplateError(InvalidRequestError):
     """Raised by :meth:`Scheduler.chat <zeta.Scheduler.chat>` and
     :meth:`~zeta.Scheduler.chat_stream` when the chat template of the model the request was

@@ -75,8 +75,10 @@ file.
 Chat. A chat request's messages are rendered with the model's own ``tokenizer.chat_template``
 (in Jinja2's sandbox, :class:`~zeta._chat.ChatTemplate`; a model without one gets the ChatML
 fallback) and the result is tokenized with special tokens parsed, as llama.cpp's server does, so
-the template's turn markers become control tokens. (Message text that spells a control token
-becomes that token too; the server behaves the same.) A reply constrained to a JSON schema
+the template's turn markers become control tokens. Unlike the server, text the caller wrote
+(messages, tools) that spells a control token stays plain text: it is swapped for a placeholder
+before rendering and tokenized on its own without special parsing, so a message cannot forge a
+turn (:class:`~zeta._chat.ControlText`). A reply constrained to a JSON schema
 (``response_format`` or a forced tool call) samples through a grammar sampler built from the
 schema by llama-cpp-python's converter (with integer bounds added, :mod:`._grammar`), ahead of the usual chain, so every token
 keeps the output a prefix of a valid instance; once the instance is complete only end-of-generation
@@ -109,8 +111,14 @@ from typing import Any
 
 import numpy as np
 
-from .._chat import ChatTemplate
-from .._exceptions import BackendError, ConfigError, InvalidRequestError, ModelLoadError
+from .._chat import ChatTemplate, ControlText
+from .._exceptions import (
+    BackendError,
+    ConfigError,
+    ContextWindowExceeded,
+    InvalidRequestError,
+    ModelLoadError,
+)
 from .._types import Kind, ModelSpec
 from ..telemetry._logging import get_logger
 from ._base import Completion, CompletionParams, Embedding, TokenCallback, run_alone
@@ -510,6 +518,7 @@ class LlamaCppBackend:
             self._free()
             raise
         self._pieces: dict[int, bytes] = {}
+        self._control_text: ControlText | None = None
         #: Grammars built from JSON schemas, by the schema's JSON text (most recent last).
         self._grammars: dict[str, str] = {}
         self._slots = [_Slot(i) for i in range(self.slots)]
@@ -694,6 +703,20 @@ class LlamaCppBackend:
         self._bos_text = bos
         return ChatTemplate(source, model=name, bos_token=bos, eos_token=eos, error=error)
 
+    def _controls(self) -> ControlText:
+        """The texts of the vocabulary's control tokens (found on first use)."""
+        if self._control_text is None:
+            lib, vocab = self._lib, self._vocab
+            special = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+            texts = []
+            for token in range(lib.llama_vocab_n_tokens(vocab)):
+                if lib.llama_vocab_get_attr(vocab, token) & special:
+                    raw = lib.llama_vocab_get_text(vocab, token)
+                    if raw:
+                        texts.append(raw.decode("utf-8", "replace"))
+            self._control_text = ControlText(texts)
+        return self._control_text
+
     def _grammar(self, schema: Any) -> str:
         """The GBNF grammar of a JSON schema (cached).
 
@@ -806,20 +829,33 @@ class LlamaCppBackend:
         if params.chat is None:
             prompt = self._tokenize(params.prompt, add_special=True)
         else:
-            text = self._template.render(params.chat.messages, params.chat.tools)
+            # Control-token text the caller wrote is shielded from the template and tokenized
+            # as plain text: a message cannot forge a turn (see ControlText).
+            data, found = self._controls().shield((params.chat.messages, params.chat.tools))
+            text = self._template.render(*data)
             # A template that writes the BOS token itself must not get a second one.
             bos_text = self._bos_text
-            prompt = self._tokenize(
-                text, add_special=not (bos_text and text.startswith(bos_text)), parse_special=True
-            )
+            add_special = not (bos_text and text.startswith(bos_text))
+            if not found:
+                prompt = self._tokenize(text, add_special=add_special, parse_special=True)
+            else:
+                prompt = []
+                for i, (piece, markup) in enumerate(ControlText.pieces(text, found)):
+                    prompt += self._tokenize(
+                        piece, add_special=add_special and i == 0, parse_special=markup
+                    )
         if not prompt:
             raise InvalidRequestError("the prompt encodes to no tokens")
         if params.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
         if len(prompt) + params.max_tokens > self.n_ctx:
-            raise InvalidRequestError(
+            raise ContextWindowExceeded(
                 f"prompt is {len(prompt)} tokens and max_tokens {params.max_tokens}; model "
-                f"{name!r} has a context of {self.n_ctx} tokens per request"
+                f"{name!r} has a context of {self.n_ctx} tokens per request",
+                model=name,
+                n_ctx=self.n_ctx,
+                prompt_tokens=len(prompt),
+                max_tokens=params.max_tokens,
             )
         if key in self._seqs:
             raise BackendError(f"model {name!r}: sequence {key} is already admitted")
