@@ -1,0 +1,1 @@
+"""Adapters that plug zeta into agent frameworks in-process."""
