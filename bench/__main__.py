@@ -10,6 +10,7 @@ SUITES = {
     "overhead": "scheduler overhead vs a bare queue+thread baseline",
     "llama": "zeta vs direct llama-cpp-python on a generated model",
     "policies": "A/B comparison of routing policies on synthetic workloads",
+    "serve": "zeta serve over HTTP vs the same calls in process",
 }
 
 

@@ -77,6 +77,25 @@ def test_llama_bench_sweeps_in_flight_levels_for_every_contender(tmp_path: Path)
     assert "llama-server" in row["skipped"]  # no binary there: skipped, not failed
 
 
+def test_serve_bench_compares_http_with_in_process_on_both_setups(tmp_path: Path) -> None:
+    result = run_bench(
+        "serve", "--tiny", "--concurrency", "1,2", "--requests", "10", "--coder-requests", "4",
+        "--tokens", "2", "--rounds", "1", tmp_path=tmp_path,
+    )  # fmt: skip
+    rows = result["results"]
+    assert isinstance(rows, list)
+    assert [r["setup"] for r in rows] == ["zero-cost", "coder"]
+    for row in rows:
+        levels = [(level["endpoint"], level["concurrency"]) for level in row["levels"]]
+        assert levels == [("completions", 1), ("completions", 2), ("chat", 1), ("chat", 2)]
+        for level in row["levels"]:
+            assert set(level["contenders"]) == {"in-process", "http", "http+openai"}
+            assert set(level["versus_in_process"]) == {"http", "http+openai"}
+    targets = result["targets"]
+    assert isinstance(targets, list) and len(targets) == 4  # each setup and endpoint, 1 caller
+    assert result["target_met"] == all(t["met"] for t in targets)
+
+
 def test_unknown_suite_is_a_usage_error() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True

@@ -6,6 +6,7 @@ import json
 import math
 import tempfile
 import textwrap
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +20,14 @@ from hypothesis import strategies as st
 
 import zeta
 from zeta import ActorState, ConfigError, Kind, ModelUnavailable, Scheduler
-from zeta._config import MAX_CONFIG_BYTES, Config, MetricsConfig, load_config, parse_config
+from zeta._config import (
+    MAX_CONFIG_BYTES,
+    Config,
+    MetricsConfig,
+    ServeConfig,
+    load_config,
+    parse_config,
+)
 from zeta._types import Scoring
 from zeta.testing import model_path
 
@@ -616,3 +624,79 @@ def test_config_check_passes_exactly_when_the_scheduler_constructs(doc: dict[str
         built = _error_key(lambda: Scheduler.from_config(path))  # constructed, never started
     event("accepted" if checked is None else "rejected")
     assert checked == built
+
+
+# --- the [serve] table (zeta serve) ---------------------------------------------------------
+
+ONE_SIMULATED = '[[models]]\nname = "m"\nbackend = "simulated"\n'
+
+
+def _serve_config(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "zeta.toml"
+    path.write_text(textwrap.dedent(text) + ONE_SIMULATED)
+    return load_config(path)
+
+
+def test_serve_table_defaults_and_values(tmp_path: Path) -> None:
+    assert _serve_config(tmp_path, "").serve == ServeConfig()
+    assert ServeConfig() == ServeConfig(host="127.0.0.1", port=8000, max_body_bytes=4 << 20)
+    config = _serve_config(
+        tmp_path,
+        """
+        [serve]
+        host = "::1"
+        port = 0
+        api_key_env = "MY_KEY"
+        max_body_bytes = 2048
+        max_tokens = 64
+        """,
+    )
+    assert config.serve == ServeConfig("::1", 0, None, "MY_KEY", 2048, 64)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "message"),
+    [
+        ("port = 70000", "serve.port", "between 0 and 65535"),
+        ("port = '80'", "serve.port", "must be an integer"),
+        ("host = ''", "serve.host", "non-empty string"),
+        ("prot = 80", "serve.prot", "did you mean 'port'"),
+        ("max_body_bytes = 10", "serve.max_body_bytes", "between 1024"),
+        ("max_tokens = 0", "serve.max_tokens", "between 1"),
+        ("api_key = 'a b'", "serve.api_key", "without spaces"),
+        ("api_key = 5", "serve.api_key", "non-empty string"),
+        ("api_key_env = 'not a name'", "serve.api_key_env", "environment variable"),
+        ("api_key = 'k'\napi_key_env = 'K'", "serve.api_key", "not both"),
+    ],
+)
+def test_serve_table_errors_name_the_key(table: str, key: str, message: str) -> None:
+    doc = {"serve": {}, "models": [{"name": "m", "backend": "simulated"}]}
+    doc["serve"] = tomllib.loads(table)
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    assert info.value.key == key
+    assert message in info.value.message
+
+
+def test_serve_table_is_not_a_table() -> None:
+    with pytest.raises(ConfigError, match="must be a table") as info:
+        parse_config({"serve": 3, "models": [{"name": "m", "backend": "simulated"}]})
+    assert info.value.key == "serve"
+
+
+def test_api_key_comes_from_the_file_or_the_environment() -> None:
+    assert ServeConfig().resolve_api_key({}) is None
+    assert ServeConfig().resolve_api_key({"ZETA_API_KEY": ""}) is None
+    assert ServeConfig().resolve_api_key({"ZETA_API_KEY": "k1"}) == "k1"
+    assert ServeConfig(api_key_env="OTHER").resolve_api_key({"OTHER": "k2"}) == "k2"
+    assert ServeConfig(api_key="k3").resolve_api_key({"ZETA_API_KEY": "k1"}) == "k3"
+    with pytest.raises(ConfigError) as info:
+        ServeConfig().resolve_api_key({"ZETA_API_KEY": "sk secret\n"})
+    assert info.value.key == "ZETA_API_KEY" and "secret" not in str(info.value)
+    assert "k3" not in repr(ServeConfig(api_key="k3"))
+
+
+def test_example_config_serves_on_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ZETA_CACHE_DIR", str(tmp_path))
+    serve = load_config(EXAMPLE, make_models=False).serve
+    assert serve == ServeConfig(host="127.0.0.1", port=8000, api_key_env="ZETA_API_KEY")

@@ -1,4 +1,5 @@
-"""The ``zeta`` command: ``zeta demo``, ``zeta models make|list``, ``zeta config check FILE``.
+"""The ``zeta`` command: ``zeta demo``, ``zeta serve``, ``zeta models make|list``,
+``zeta config check FILE``.
 
 Also runs as ``python -m zeta``. Heavy imports (llama.cpp, rich, the scheduler) happen inside the
 subcommand that needs them, so ``zeta --help`` is instant.
@@ -6,12 +7,16 @@ subcommand that needs them, so ``zeta --help`` is instant.
 ``zeta demo`` prints only its own display unless asked for more: ``--log-level``/``--log-json``
 turn zeta's structured logs on (stderr), ``--metrics-port`` serves Prometheus metrics while it
 runs (on 127.0.0.1 unless ``--metrics-host`` says otherwise).
+
+``zeta serve --config FILE`` runs the OpenAI-compatible HTTP API (:mod:`zeta.serve`) until SIGINT
+or SIGTERM; it prints its URL once it serves, and logs only when asked (``--log-level``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +57,9 @@ def _config_check(args: argparse.Namespace) -> int:
         kinds = ",".join(sorted(k.value for k in m.kinds))
         optional = " (optional)" if m.name in config.optional else ""
         print(f"  {m.name}: {kinds} x{m.replicas} {m.path or m.backend}{optional}")
+    serve = config.serve
+    key = "in the file" if serve.api_key is not None else f"from ${serve.api_key_env} if set"
+    print(f"  zeta serve: {serve.host}:{serve.port}, API key {key}")
     return 0
 
 
@@ -121,6 +129,32 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .._config import load_config
+
+    config = load_config(args.config)
+    key = config.serve.resolve_api_key() is not None  # an invalid key fails here, unshown
+    if args.log_level is not None or args.log_json:
+        from ..telemetry import configure_logging
+
+        configure_logging(json=True if args.log_json else None, level=args.log_level or "INFO")
+    else:
+        # uvicorn's own messages (a request cancelled when shutdown's grace period ends, ...)
+        # stay quiet like zeta's unless logs are asked for; logging's last resort would print
+        # them with a traceback.
+        logging.getLogger("uvicorn").addHandler(logging.NullHandler())
+    from ..serve import serve
+
+    names = ", ".join(m.name for m in config.models)
+
+    def announce(url: str) -> None:
+        auth = "; requests need the API key" if key else ""
+        print(f"zeta serve: {url}/v1 (models: {names}){auth}; Ctrl-C stops", flush=True)
+
+    serve(config, host=args.host, port=args.port, announce=announce)
+    return 0
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -129,6 +163,21 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is an integer from 0 to 65535, got {text!r}")
     return port
+
+
+def _log_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default=None,
+        help="log zeta's events at this level and up to stderr (default: no logs)",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log as JSON lines (at INFO unless --log-level says otherwise)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,19 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 only on a trusted network)",
     )
-    demo.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        default=None,
-        help="log zeta's events at this level and up to stderr (default: no logs)",
-    )
-    demo.add_argument(
-        "--log-json",
-        action="store_true",
-        help="log as JSON lines (at INFO unless --log-level says otherwise)",
-    )
+    _log_arguments(demo)
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API (chat, completions, embeddings) over a config",
+    )
+    serve.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    serve.add_argument(
+        "--host",
+        default=None,
+        metavar="HOST",
+        help="address to bind (default: [serve] host, 127.0.0.1; 0.0.0.0 only on a trusted "
+        "network, with an API key)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="TCP port (default: [serve] port, 8000)",
+    )
+    _log_arguments(serve)
+    serve.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="the generated model ladder")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
