@@ -221,7 +221,9 @@ class ZetaModel(Model):
         defaults = ModelProfile(
             supports_json_schema_output=True,
             supports_json_object_output=True,
-            may_tokenize_special_tokens_in_content=True,
+            # zeta tokenizes control-token text a caller wrote as plain text (ControlText),
+            # so pydantic-ai need not break it.
+            may_tokenize_special_tokens_in_content=False,
         )
         if self._model is not None:
             spec = next((m for m in self._scheduler.models if m.name == self._model), None)
