@@ -280,6 +280,8 @@ async def test_async_client_streams_a_chat(server: RunningServer) -> None:
         chunks = [ch async for ch in stream]
     assert [ch.choices[0].finish_reason for ch in chunks][-1] == "length"
     assert all(ch.usage is None for ch in chunks)
+    # Every chunk names the model that served the request, not the alias asked for.
+    assert {ch.model for ch in chunks} == {chunks[-1].model} and chunks[-1].model != "auto"
 
 
 def test_chat_names_a_configured_model(server: RunningServer) -> None:

@@ -61,6 +61,12 @@ class TokenStream(Generic[R]):
     def request_id(self) -> int:
         return self._request.id
 
+    @property
+    def model(self) -> str | None:
+        """The model the request was placed on, once admitted (``None`` before; after a retry
+        off a failed model, the one it was retried on)."""
+        return self._request.model
+
     def __aiter__(self) -> TokenStream[R]:
         return self
 

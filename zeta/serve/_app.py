@@ -369,6 +369,8 @@ async def _start_stream(
     first = await _unless_gone(request.receive, lambda: _first(stream))
     if isinstance(first, _Gone):
         return _gone_response()
+    if stream.model is not None:
+        events.serve_as(stream.model)
     return _EventStream(stream, events, first, include_usage)
 
 

@@ -606,8 +606,9 @@ class StreamEvents:
     """The SSE events of one streamed chat or text completion.
 
     Content events are built from a prefix and suffix made once, so a token costs one JSON string
-    encoding. Events before the end name the model the client asked for; the last ones (finish
-    and usage) name the model that served it.
+    encoding. Events name the model the client asked for until :meth:`serve_as` names the one
+    the request was placed on (it is known once the stream is admitted, before the first event);
+    the last ones (finish and usage) name the model that served it.
     """
 
     chat: bool
@@ -625,6 +626,12 @@ class StreamEvents:
         key = b'"delta":{"content":' if self.chat else b'"text":'
         self._head = b"data: " + before + key
         self._tail = (b"}" if self.chat else b"") + after + b"\n\n"
+
+    def serve_as(self, model: str) -> None:
+        """Name ``model`` in the events from now on."""
+        if model != self.model:
+            self.model = model
+            self.__post_init__()
 
     def _frame(self, model: str, choice: dict[str, Any]) -> bytes:
         body: dict[str, Any] = {
