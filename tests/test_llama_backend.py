@@ -942,3 +942,27 @@ async def test_scheduler_refuses_to_start_on_a_bad_model_file(
         async with Scheduler(models=models):
             pytest.fail("started without its model")  # pragma: no cover
     assert info.value.path == str(bad)
+
+
+def test_a_context_that_embeds_opens_with_any_slot_count(tiny_models: dict[str, Path]) -> None:
+    """llama.cpp aborts the process building the pooling graph of a context whose sequence
+    count is not a power of two; zeta rounds it up. Run in a child: a regression is an abort."""
+    code = (
+        "import sys\n"
+        "from zeta import Kind, ModelSpec\n"
+        "from zeta.backends.llama_cpp import open_backend\n"
+        "for kinds in ({Kind.EMBED}, {Kind.SIMPLE, Kind.EMBED}):\n"
+        "    spec = ModelSpec(name='e', path=sys.argv[1], kinds=frozenset(kinds), preferred=frozenset(kinds),\n"
+        "                     n_ctx=64, slots=int(sys.argv[2]))\n"
+        "    backend = open_backend(spec, 0)\n"
+        "    assert len(backend.embed(['a b', 'c d e', 'f'] * 3).vectors) == 9\n"
+        "    backend.close()\n"
+    )
+    for slots in (3, 6):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tiny_models["embedder-tiny"]), str(slots)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]

@@ -474,7 +474,13 @@ class LlamaCppBackend:
             cparams = lib.llama_context_default_params()
             # One unified KV buffer of n_ctx cells per slot (see the module docstring).
             cparams.n_ctx = kv_cells
+            # llama.cpp aborts the process building a pooling graph for a context whose
+            # sequence count is not a power of two (GGML_ASSERT in build_pooling, seen with 3,
+            # 5, 6, 7 and 12), so a context that may embed gets the next power of two; the
+            # ids past `slots` are never used.
             cparams.n_seq_max = self.slots
+            if Kind.EMBED in spec.kinds:
+                cparams.n_seq_max = 1 << (self.slots - 1).bit_length()
             cparams.kv_unified = True
             cparams.n_batch = cparams.n_ubatch = n_batch
             cparams.n_threads = spec.n_threads
