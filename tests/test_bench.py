@@ -49,10 +49,49 @@ def test_overhead_bench_compares_zeta_with_the_bare_baseline(tmp_path: Path) -> 
     assert {r["concurrency"] for r in rows} == {1, 64}
 
 
-def test_policies_bench_runs_every_workload_for_every_contender(tmp_path: Path) -> None:
+def test_policies_bench_runs_every_scenario_in_the_simulator(tmp_path: Path) -> None:
+    result = run_bench("policies", "--seeds", "2", "--requests", "150", tmp_path=tmp_path)
+    assert result["mode"] == "sim" and result["seeds"] == [0, 1]
+    scenarios = result["scenarios"]
+    assert isinstance(scenarios, dict)
+    assert set(scenarios) == {
+        "calm", "steady", "bursty", "surge", "overwhelm", "fanout", "heavy_tail", "drift",
+    }  # fmt: skip
+    contenders = {
+        "static", "threshold", "dynamic", "round_robin", "jsq", "p2c", "peak_ewma", "oracle",
+        "oracle_pen",
+    }  # fmt: skip
+    for s in scenarios.values():
+        assert set(s["policies"]) == contenders
+        dynamic = s["policies"]["dynamic"]
+        assert dynamic["p99"]["n"] == 2 and len(dynamic["p99"]["ci95"]) == 2
+        assert {"p50/static", "p99/static", "mean/oracle", "quality"} <= set(dynamic)
+        assert s["policies"]["static"]["p99/static"]["median"] == 1.0
+        assert len(s["per_seed"]["dynamic"]) == 2
+    targets = result["targets"]
+    assert isinstance(targets, list)
+    assert {t["target"].split(":")[0] for t in targets} >= {"surge", "calm"}
+    assert all(t["passed"] in (True, False, None) for t in targets)
+    assert result["speed"]["shipped_policies"]["wall"] > 0
+
+
+def test_policies_bench_takes_its_contenders_and_scenarios(tmp_path: Path) -> None:
     result = run_bench(
-        "policies", "--duration", "2", "--policies", "static", "dynamic", tmp_path=tmp_path
-    )
+        "policies", "--seeds", "1", "--requests", "100", "--scenarios", "surge",
+        "--policies", "dynamic", "dynamic:contention_weight=0", "--fleet", "gpu",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    (surge,) = result["scenarios"].values()
+    # The baseline and the oracle are always run: the ratios need them.
+    assert set(surge["policies"]) == {"static", "dynamic", "dynamic:contention_weight=0", "oracle"}
+
+
+def test_policies_bench_replays_in_real_time_with_real(tmp_path: Path) -> None:
+    result = run_bench(
+        "policies", "--real", "--duration", "2", "--policies", "static", "dynamic",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result["mode"] == "real"
     workloads = result["workloads"]
     assert isinstance(workloads, dict)
     assert set(workloads) == {"steady", "bursty", "agent_fanout"}

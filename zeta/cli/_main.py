@@ -1,5 +1,5 @@
-"""The ``zeta`` command: ``zeta demo``, ``zeta serve``, ``zeta models make|list``,
-``zeta config check FILE``.
+"""The ``zeta`` command: ``zeta demo``, ``zeta serve``, ``zeta profile``,
+``zeta models make|list``, ``zeta config check FILE``.
 
 Also runs as ``python -m zeta``. Heavy imports (llama.cpp, rich, the scheduler) happen inside the
 subcommand that needs them, so ``zeta --help`` is instant.
@@ -155,6 +155,31 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from .._config import load_config
+    from ..sim._measure import fleet_toml, measure_fleet
+
+    if args.rounds < 1 or args.steps < 1:
+        print("zeta: error: --rounds and --steps must be at least 1", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    fleet = measure_fleet(
+        config.models,
+        rounds=args.rounds,
+        steps=args.steps,
+        coload=not args.no_coload,
+        report=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    text = fleet_toml(fleet)
+    if args.out is None:
+        print(text, end="")
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"zeta profile: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -260,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", default=None, help="cache directory (default: user cache)")
     make.set_defaults(func=_models_make)
     list_.set_defaults(func=_models_list)
+
+    profile = sub.add_parser(
+        "profile",
+        help="measure each configured model on this host; write a simulator fleet (TOML)",
+    )
+    profile.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    profile.add_argument("--out", default=None, metavar="FILE", help="write here (default: stdout)")
+    profile.add_argument(
+        "--rounds", type=int, default=3, help="repeats per measurement (default 3)"
+    )
+    profile.add_argument("--steps", type=int, default=16, help="decode steps timed (default 16)")
+    profile.add_argument(
+        "--no-coload", action="store_true", help="skip the slowdown beside other busy models"
+    )
+    profile.set_defaults(func=_profile)
 
     config = sub.add_parser("config", help="configuration files")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
