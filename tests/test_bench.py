@@ -135,6 +135,24 @@ def test_serve_bench_compares_http_with_in_process_on_both_setups(tmp_path: Path
     assert result["target_met"] == all(t["met"] for t in targets)
 
 
+def test_simreal_bench_compares_real_and_simulated_latency_per_kind(tmp_path: Path) -> None:
+    result = run_bench(
+        "simreal", "--tiny", "--requests", "40", "--duration", "1.5", "--rounds", "1",
+        "--steps", "4", tmp_path=tmp_path,
+    )  # fmt: skip
+    requests = result["requests"]
+    assert result["tiny"] is True and isinstance(requests, int) and 20 <= requests <= 80
+    assert result["tolerance"] == 0.15 and result["met"] in (True, False)
+    by_kind = result["by_kind"]
+    assert isinstance(by_kind, dict) and by_kind
+    for gap in by_kind.values():
+        assert gap["real"]["p50_s"] > 0 and gap["sim"]["p50_s"] > 0
+        assert {"p50_error", "p95_error"} <= set(gap)
+    assert result["failed_real"] == 0 and result["token_mismatches"] == 0
+    load = result["load_average"]
+    assert isinstance(load, dict) and len(load["before_replay"]) == 3
+
+
 def test_unknown_suite_is_a_usage_error() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True

@@ -25,7 +25,7 @@ def test_measure_fleet_on_the_tiny_ladder_round_trips_through_toml(tmp_path: Pat
         assert list(profile.step_s) == sorted(profile.step_s)  # never cheaper with more work
         assert profile.coload[0] == 1.0 and profile.prefill_token_s >= 0.0
     coder = fleet.model("coder-tiny").profile
-    assert len(coder.coload) == 2  # beside the reasoner (the embedder never decodes)
+    assert len(coder.coload) == 3  # beside one, then both of the reasoner and the embedder
     assert fleet.model("coder-tiny").spec.preferred == frozenset({Kind.SIMPLE, Kind.CODE})
     assert any("coload" in line for line in lines)
     text = fleet_toml(fleet)

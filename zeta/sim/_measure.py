@@ -10,8 +10,10 @@ backend and measures, on this host:
 * the decode step time with ``1..slots`` sequences busy: ``k`` sequences admitted and
   prefilled, then ``steps`` decode steps timed;
 * the slowdown while other models on the same device are busy: its one-sequence step time while
-  ``1, 2, ...`` of the others decode in their own threads (each context stays on one thread),
-  over its step time alone;
+  ``1, 2, ...`` of the others work in their own threads (decoding, or embedding for a model that
+  only embeds) (each context stays on one thread),
+  over its step time alone; for a model that only embeds, its embedding time beside the models
+  that decode, over its time alone;
 * the jitter: the spread of its one-sequence step times.
 
 The result is a :class:`~zeta.sim.Fleet` the simulator loads (:func:`~zeta.sim.load_fleet`);
@@ -20,6 +22,8 @@ The result is a :class:`~zeta.sim.Fleet` the simulator loads (:func:`~zeta.sim.l
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import statistics
@@ -48,12 +52,13 @@ def _prompt(n_words: int, salt: int) -> str:
 
 
 class _Salt:
+    """Fresh numbers for prompts, from any thread (``next`` on a count is atomic)."""
+
     def __init__(self) -> None:
-        self.n = 0
+        self._count = itertools.count(1)
 
     def __call__(self) -> int:
-        self.n += 1
-        return self.n
+        return next(self._count)
 
 
 def measure_fleet(
@@ -85,6 +90,22 @@ def measure_fleet(
             if spec.kinds == frozenset({Kind.EMBED}):
                 step_s = [max(per_token, 1e-6)] * spec.slots
                 jitter, factors = 0.0, [1.0]
+                if coload:
+                    # An embedding is a prefill: it slows beside busy models as a decode does.
+                    decoders = [
+                        b
+                        for s, b in zip(specs, opened, strict=True)
+                        if s.device == spec.device and s.kinds != frozenset({Kind.EMBED})
+                    ]
+                    alone = _timed_embeds(backend, rounds, salt)
+                    for n in range(1, len(decoders) + 1):
+                        busy = _beside(
+                            functools.partial(_timed_embeds, backend, rounds, salt),
+                            salt,
+                            decoders[:n],
+                        )
+                        factors.append(max(factors[-1], busy / alone))  # never faster when busier
+                    report(f"{spec.name}: coload {', '.join(f'{f:.2f}' for f in factors)}")
             else:
                 step_s, samples = _steps(backend, spec.slots, steps, rounds, salt)
                 report(f"{spec.name}: step {', '.join(f'{s * 1e3:.2f}' for s in step_s)} ms")
@@ -94,7 +115,7 @@ def measure_fleet(
                     others = [
                         (s, b)
                         for j, (s, b) in enumerate(zip(specs, opened, strict=True))
-                        if j != i and s.device == spec.device and s.kinds != frozenset({Kind.EMBED})
+                        if j != i and s.device == spec.device
                     ]
                     for n in range(1, len(others) + 1):
                         busy = _busy_step(backend, steps, salt, [b for _, b in others[:n]])
@@ -206,17 +227,47 @@ def _steps(
     return result, ones
 
 
+def _timed_embeds(backend: BatchBackend, rounds: int, salt: _Salt) -> float:
+    """Median time of ``rounds`` one-text embeddings of a fresh 64-word prompt."""
+    times = []
+    for _ in range(max(1, rounds)):
+        text = _prompt(64, salt())
+        t0 = time.perf_counter()
+        backend.embed([text])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _busy_step(
     backend: BatchBackend, steps: int, salt: _Salt, others: Sequence[BatchBackend]
 ) -> float:
     """One-sequence step time of ``backend`` while each of ``others`` decodes one sequence in
     its own thread."""
+
+    def timed() -> float:
+        keys = _decode(backend, 1, salt, steps * 2 + 4)
+        busy = _timed_steps(backend, steps)
+        for key in keys:
+            backend.cancel(key)
+        return busy
+
+    return _beside(timed, salt, others)
+
+
+def _beside(measure: Callable[[], float], salt: _Salt, others: Sequence[BatchBackend]) -> float:
+    """``measure()`` while each of ``others`` works in its own thread: decodes one sequence, or
+    embeds texts one after another if it only embeds."""
     stop = threading.Event()
     ready = threading.Barrier(len(others) + 1)
     errors: list[BaseException] = []
 
     def run(other: BatchBackend) -> None:
         try:
+            if other.spec.kinds == frozenset({Kind.EMBED}):
+                ready.wait()
+                while not stop.is_set():
+                    other.embed([_prompt(64, salt())])
+                return
             keys = _decode(other, 1, salt, 48)
             ready.wait()
             while not stop.is_set():
@@ -233,10 +284,7 @@ def _busy_step(
         t.start()
     try:
         ready.wait()
-        keys = _decode(backend, 1, salt, steps * 2 + 4)
-        busy = _timed_steps(backend, steps)
-        for key in keys:
-            backend.cancel(key)
+        busy = measure()
     finally:
         stop.set()
         for t in threads:
