@@ -3,7 +3,8 @@
     python -m bench kernel [--seed S] [--json] [--repeat R]
 
 For N = 2, 3, 8, 32 and 128 candidates it times, in one process on identical random tables
-(each row a context with 1, 2, 4 or 8 slots, some free, some full, some with a queue):
+(each row a context with 1, 2, 4 or 8 slots, some free, some full, some with a queue, on one of
+three devices with a measured co-load slowdown, so the harm terms are priced):
 
 - ``c choose``: the compiled ``ScoreTable.choose(kind, est_tokens)`` called once per message
   from a Python loop (what the router does per message; the loop's own cost is included);
@@ -36,15 +37,21 @@ MESSAGES_PY = 5_000
 #: Slots a row's context may have (continuous batching) and its step-time slope.
 SLOTS = (1, 2, 4, 8)
 STEP_SLOPES = (0.07, 0.15, 0.2)
+#: Devices the rows share, and the co-load slowdowns measured (H100: 0.24..0.94; 2 CPU cores: 1).
+DEVICES = 3
+CO_SLOWS = (0.24, 0.59, 0.94, 1.0)
 #: Target from the design: compiled per-message >= 20x the reference (N=8).
 TARGET_SPEEDUP_AT_8 = 20.0
 
 
-def _state(rng: random.Random, n: int, batch_rng: random.Random) -> dict[str, Any]:
+def _state(
+    rng: random.Random, n: int, batch_rng: random.Random, device_rng: random.Random
+) -> dict[str, Any]:
     """A plausible live state: most candidates capable and up, some queued work, varied speed.
 
-    Slots and step slopes come from ``batch_rng``, so the other fields and the messages are
-    those of the benchmark before batching (its figures stay comparable).
+    Slots and step slopes come from ``batch_rng``, devices and co-load slowdowns from
+    ``device_rng``, so the other fields and the messages are those of the benchmark before
+    batching and devices (its figures stay comparable).
     """
     capable = [[rng.random() < 0.75 for _ in range(N_KINDS)] for _ in range(n)]
     for k in range(N_KINDS):  # every kind servable somewhere
@@ -58,6 +65,8 @@ def _state(rng: random.Random, n: int, batch_rng: random.Random) -> dict[str, An
         "util": [rng.uniform(0.0, 0.9) for _ in range(n)],
         "slots": [batch_rng.choice(SLOTS) for _ in range(n)],
         "step_slope": [batch_rng.choice(STEP_SLOPES) for _ in range(n)],
+        "device": [device_rng.randrange(DEVICES) for _ in range(n)],
+        "co_slow": [device_rng.choice(CO_SLOWS) for _ in range(n)],
     }
 
 
@@ -71,6 +80,8 @@ def _table(kernel: Any, state: dict[str, Any], seed: int) -> Any:
         t.set_slots(i, state["slots"][i])
         t.set_step_slope(i, state["step_slope"][i])
         t.set_load(i, *state["load"][i])
+        t.set_device(i, state["device"][i])
+        t.set_co_slow(i, state["co_slow"][i])
         t.observe(i, *state["ewma"][i], 0.0)  # a new row's first observation sets it exactly
         t.set_util(i, state["util"][i])
     return t
@@ -109,7 +120,7 @@ def _per_message(
 def measure(n: int, seed: int, repeat: int) -> dict[str, float]:
     """Figures for ``n`` candidates."""
     rng = random.Random(seed * 1_000_003 + n)
-    state = _state(rng, n, random.Random(seed * 1_000_033 + n))
+    state = _state(rng, n, random.Random(seed * 1_000_033 + n), random.Random(seed * 1_000_037 + n))
     kinds = [rng.randrange(N_KINDS) for _ in range(MESSAGES_C)]
     ests = [float(rng.choice((16, 64, 128, 256, 512, 2048))) for _ in range(MESSAGES_C)]
 

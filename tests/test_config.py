@@ -158,6 +158,8 @@ def test_scheduler_kwargs_carry_scoring_and_the_policy_apart() -> None:
     assert set(kwargs) == {"models", "mailbox_capacity", "policy", "scoring"}
     assert kwargs["policy"].name == "threshold" and kwargs["policy"].high == 0.9
     assert kwargs["scoring"] == Scoring(tau=3.0)
+    harm = parse_config({"scoring": {"harm_weight": 0, "co_slow": 0.94}, "models": models})
+    assert harm.scoring == Scoring(harm_weight=0.0, co_slow=0.94)
 
 
 def test_model_errors_carry_the_entry_s_key_path() -> None:
@@ -349,6 +351,12 @@ async def test_an_optional_model_with_a_bad_file_is_left_out_on_llama_cpp(
         ("[scoring]\ncontention_weight = true\n" + MINIMAL, "scoring.contention_weight",
          "must be a number"),
         ("[scoring]\ntaux = 1\n" + MINIMAL, "scoring.taux", "did you mean 'tau'"),
+        ("[scoring]\nco_slow = 11\n" + MINIMAL, "scoring.co_slow", ">= 0 and <= 10, got 11"),
+        ("[scoring]\nco_slow = -1\n" + MINIMAL, "scoring.co_slow", ">= 0 and <= 10"),
+        ("[scoring]\nharm_weight = 'high'\n" + MINIMAL, "scoring.harm_weight",
+         "must be a number, got a string"),
+        ("[scoring]\nharm_wieght = 1\n" + MINIMAL, "scoring.harm_wieght",
+         "did you mean 'harm_weight'"),
         ("scoring = 1\n" + MINIMAL, "scoring", "must be a table"),
         ("policy = 'dynamic'\n" + MINIMAL, "policy", "must be a table"),
         ("[scheduler]\n", "models", "no models configured"),
@@ -568,8 +576,9 @@ def _config_documents(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         doc["scoring"] = {}
         _maybe(draw, doc["scoring"], "tau", _number(1e-3, 1e6, hostile))
-        for key in ("contention_weight", "spill_penalty", "quality_penalty"):
+        for key in ("contention_weight", "spill_penalty", "quality_penalty", "harm_weight"):
             _maybe(draw, doc["scoring"], key, _number(0.0, 1e6, hostile))
+        _maybe(draw, doc["scoring"], "co_slow", _number(0.0, 10.0, hostile))
     if draw(st.booleans()):
         doc["metrics"] = {}
         _maybe(draw, doc["metrics"], "enabled", st.booleans())

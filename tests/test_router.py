@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zeta import Classification, ConfigError, DynamicPolicy, HeuristicClassifier, Kind, ModelSpec
-from zeta._router import Router, build_candidates
+from zeta._router import Router, build_candidates, device_group
 from zeta._types import KIND_INDEX, SCORING_FIELDS, SERVED_KINDS, Scoring
 
 
@@ -42,6 +42,45 @@ def test_capability_and_penalties_come_from_the_specs() -> None:
     assert table.capability(4, KIND_INDEX[Kind.EMBED]) == (True, 0.0)
     assert router.capable[Kind.EMBED] == (4,)
     assert router.capable[Kind.REASON] == (0, 1, 2)
+
+
+def test_devices_and_co_load_come_from_the_specs_and_scoring() -> None:
+    """Models on the host CPU share one device; each GPU index is a device of its own."""
+    models = [
+        ModelSpec("cpu-a"),
+        ModelSpec("gpu0-a", device=0, replicas=2),
+        ModelSpec("cpu-b"),
+        ModelSpec("gpu1", device=1),
+        ModelSpec("gpu0-b", device=0),
+    ]
+    cands = build_candidates(models, 8)
+    assert [c.device for c in cands] == [None, 0, 0, None, 1, 0]
+    router = Router(cands, DynamicPolicy(), scoring=Scoring(harm_weight=0.5, co_slow=0.75))
+    table = router.table
+    assert [table.device(i) for i in range(table.n)] == [0, 1, 1, 0, 2, 1]
+    assert [device_group(d) for d in (None, 0, 1, 1024)] == [0, 1, 2, 1025]
+    assert {table.co_slow(i) for i in range(table.n)} == {0.75}
+    assert table.harm_weight == 0.5
+
+
+def test_a_busy_model_makes_its_device_neighbours_dearer() -> None:
+    """The router prices co-load: with the CPU coder busy, a reasoner on the same CPU costs
+    more than the same reasoner on a GPU of its own."""
+    from zeta import RouteRequest
+
+    def reasoner_cost(device: int | None) -> float:
+        models = [ModelSpec("coder", kinds={"code"}), ModelSpec("reasoner", device=device)]
+        router = Router(build_candidates(models, 8), DynamicPolicy())
+        for i in range(2):
+            router.table.set_slots(i, 4)
+            router.table.observe(i, 0.5, 0.01, 0.0)
+        router.table.set_load(0, 0, 4)
+        costs = [0.0, 0.0]
+        request = RouteRequest(Kind.CODE, KIND_INDEX[Kind.CODE], 100.0)
+        router.table.choose(request.kind_index, request.est_tokens, costs)
+        return costs[1]
+
+    assert reasoner_cost(None) > reasoner_cost(0) == 1.5
 
 
 def test_preferred_model_per_kind() -> None:
@@ -81,6 +120,10 @@ def test_apply_params() -> None:
     assert router.scoring == applied
     assert router.table.tau == 2.0 and router.table.weight == 3.0
     assert router.table.capability(0, KIND_INDEX[Kind.REASON]) == (True, 0.0)
+    applied = router.apply({"harm_weight": 0.0, "co_slow": 1.0})
+    assert (applied.harm_weight, applied.co_slow, applied.tau) == (0.0, 1.0, 2.0)
+    assert router.table.harm_weight == 0.0
+    assert all(router.table.co_slow(i) == 1.0 for i in range(router.table.n))
 
 
 @pytest.mark.parametrize(
@@ -93,6 +136,8 @@ def test_apply_params() -> None:
         {"spill_penalty": True},
         {"spill_penalty": 10**400},
         {"tau": float("inf")},
+        {"co_slow": 10.5},
+        {"harm_weight": -0.5},
     ],
 )
 def test_apply_params_rejects_everything_if_anything_is_wrong(params: dict[str, float]) -> None:
@@ -102,6 +147,7 @@ def test_apply_params_rejects_everything_if_anything_is_wrong(params: dict[str, 
         router.apply({"quality_penalty": 9.0, **params})
     assert router.scoring == before
     assert router.table.capability(3, KIND_INDEX[Kind.SIMPLE]) == (True, 0.5)
+    assert router.table.co_slow(0) == before.co_slow
 
 
 def test_no_models() -> None:

@@ -10,8 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zeta import ConfigError, Kind, ModelSpec, Supervision
-from zeta._types import MODEL_INT_RANGES, check_int, check_number, parse_kinds, shown
+from zeta import ConfigError, Kind, ModelSpec, Supervision, _scoring_py
+from zeta._types import (
+    MAX_CO_SLOW,
+    MODEL_INT_RANGES,
+    SCORING_FIELDS,
+    Scoring,
+    check_int,
+    check_number,
+    parse_kinds,
+    shown,
+)
 
 HUGE = 10**400
 HOSTILE: list[object] = [
@@ -181,3 +190,35 @@ def test_supervision_hostile_values_raise_only_config_errors(field: str, value: 
         Supervision(**fields)
     except ConfigError as exc:
         assert exc.key == field
+
+
+# -- Scoring ----------------------------------------------------------------------------------
+
+
+def test_scoring_defaults_include_the_harm_terms() -> None:
+    scoring = Scoring()
+    assert (scoring.harm_weight, scoring.co_slow) == (1.0, 0.5)
+    assert SCORING_FIELDS[-2:] == ("harm_weight", "co_slow")
+    # co_slow's bound is the kernel's (both kernels export the same one).
+    assert MAX_CO_SLOW == _scoring_py.MAX_CO_SLOW
+    assert Scoring(harm_weight=0, co_slow=MAX_CO_SLOW).as_dict()["co_slow"] == 10.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "message"),
+    [
+        ({"harm_weight": -1.0}, "harm_weight", ">= 0 and <= 1e"),
+        ({"harm_weight": math.inf}, "harm_weight", "finite number"),
+        ({"harm_weight": "1"}, "harm_weight", "must be a number"),
+        ({"co_slow": -0.1}, "co_slow", ">= 0 and <= 10"),
+        ({"co_slow": 10.5}, "co_slow", ">= 0 and <= 10, got 10.5"),
+        ({"co_slow": math.nan}, "co_slow", "finite number"),
+        ({"co_slow": True}, "co_slow", "must be a number"),
+    ],
+)
+def test_scoring_harm_fields_are_validated(kwargs: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Scoring(**kwargs)
+    assert info.value.key == key
+    with pytest.raises(ConfigError):
+        Scoring().replace(kwargs)

@@ -45,7 +45,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """Static facts about one actor (one replica of one model); ``index`` is its table row."""
+    """Static facts about one actor (one replica of one model); ``index`` is its table row.
+
+    ``device`` is the model's GPU index (``ModelSpec.device``), ``None`` for the host CPU.
+    """
 
     index: int
     model: str
@@ -54,6 +57,7 @@ class Candidate:
     preferred: frozenset[Kind]
     quality: int
     capacity: int
+    device: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from ._policies import POLICIES, Candidate, Policy, RouteRequest
 from ._scoring import NO_CANDIDATE, ScoreTable
 from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec, Scoring
 
-__all__ = ["Router", "build_candidates", "check_models"]
+__all__ = ["Router", "build_candidates", "check_models", "device_group"]
 
 
 def build_candidates(models: Sequence[ModelSpec], capacity: int) -> tuple[Candidate, ...]:
@@ -33,9 +33,16 @@ def build_candidates(models: Sequence[ModelSpec], capacity: int) -> tuple[Candid
                     preferred=spec.preferred,
                     quality=spec.quality,
                     capacity=capacity,
+                    device=spec.device,
                 )
             )
     return tuple(out)
+
+
+def device_group(device: int | None) -> int:
+    """The scoring kernel's device id for a model's ``device``: 0 for the host CPU, ``g + 1``
+    for GPU ``g``. Models with the same id share a device and slow each other down."""
+    return 0 if device is None else device + 1
 
 
 def check_models(models: Iterable[object], max_actors: int) -> tuple[ModelSpec, ...]:
@@ -101,7 +108,11 @@ class Router:
             seed=seed,
             tau=scoring.tau,
             weight=scoring.contention_weight,
+            harm_weight=scoring.harm_weight,
+            co_slow=scoring.co_slow,
         )
+        for c in self.candidates:
+            self.table.set_device(c.index, device_group(c.device))
         #: The parameters in force.
         self.scoring = scoring
         self._fill_capabilities()
@@ -203,8 +214,15 @@ class Router:
             ConfigError: an unknown field, or a value out of range.
         """
         old, new = self.scoring, self.scoring.replace(changes)
-        if (new.tau, new.contention_weight) != (old.tau, old.contention_weight):
-            self.table.set_params(tau=new.tau, weight=new.contention_weight)
+        if (new.tau, new.contention_weight, new.harm_weight) != (
+            old.tau, old.contention_weight, old.harm_weight
+        ):  # fmt: skip
+            self.table.set_params(
+                tau=new.tau, weight=new.contention_weight, harm_weight=new.harm_weight
+            )
+        if new.co_slow != old.co_slow:
+            for i in range(self.table.n):
+                self.table.set_co_slow(i, new.co_slow)
         self.scoring = new
         if (new.spill_penalty, new.quality_penalty) != (old.spill_penalty, old.quality_penalty):
             self._fill_capabilities()

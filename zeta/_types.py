@@ -262,20 +262,29 @@ class Scoring:
         contention_weight: weight of device utilisation in the expected slowdown. ``>= 0``.
         spill_penalty: seconds added for serving a kind the model does not prefer. ``>= 0``.
         quality_penalty: seconds added per quality rank below the best. ``>= 0``.
+        harm_weight: weight of the delay a request adds to the requests already running on the
+            model it is sent to and on the models sharing its device. ``>= 0``; ``0`` routes
+            each request for its own completion only.
+        co_slow: how much slower a model's decoding steps run per other busy model on its
+            device (relative; every model gets this value). Measured: about 0.24 to 0.94 for
+            three models on an H100, about 1.0 for models sharing two CPU cores. ``0`` to
+            :data:`MAX_CO_SLOW`.
 
-    Every field is a finite number no larger than :data:`MAX_SCORING_VALUE`.
+    Every field is a finite number no larger than :data:`MAX_SCORING_VALUE` (``co_slow``: no
+    larger than :data:`MAX_CO_SLOW`).
     """
 
     tau: float = 5.0
     contention_weight: float = 1.0
     spill_penalty: float = 1.0
     quality_penalty: float = 0.25
+    harm_weight: float = 1.0
+    co_slow: float = 0.5
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = check_number(
-                getattr(self, f.name), f.name, 0.0, MAX_SCORING_VALUE, low_open=f.name == "tau"
-            )
+            high = MAX_CO_SLOW if f.name == "co_slow" else MAX_SCORING_VALUE
+            value = check_number(getattr(self, f.name), f.name, 0.0, high, low_open=f.name == "tau")
             object.__setattr__(self, f.name, value)
 
     def replace(self, changes: Mapping[str, object]) -> Scoring:
@@ -296,6 +305,10 @@ class Scoring:
 #: The largest value a scoring parameter may take (seconds or a weight): far above any sensible
 #: setting, and small enough that costs computed from it stay finite.
 MAX_SCORING_VALUE = 1e6
+
+#: The largest ``co_slow``: each other busy model on a device makes a step 11 times slower. The
+#: scoring kernel's own bound (``zeta._scoring_py.MAX_CO_SLOW``), checked here first.
+MAX_CO_SLOW = 10.0
 
 #: The tunable parameters, in order: the fields of :class:`Scoring`.
 SCORING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Scoring))
