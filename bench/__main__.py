@@ -11,6 +11,7 @@ SUITES = {
     "llama": "zeta vs direct llama-cpp-python on a generated model",
     "policies": "A/B comparison of routing policies on synthetic workloads",
     "serve": "zeta serve over HTTP vs the same calls in process",
+    "calibration": "the feedback calibrator in the simulator: with vs without, shifts",
     "simreal": "sim-to-real: one trace on the real ladder and in the simulator",
 }
 

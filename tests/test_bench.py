@@ -135,6 +135,14 @@ def test_serve_bench_compares_http_with_in_process_on_both_setups(tmp_path: Path
     assert result["target_met"] == all(t["met"] for t in targets)
 
 
+def test_unknown_suite_is_a_usage_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "usage" in out.stdout
+
+
 def test_simreal_bench_compares_real_and_simulated_latency_per_kind(tmp_path: Path) -> None:
     result = run_bench(
         "simreal", "--tiny", "--requests", "40", "--duration", "1.5", "--rounds", "1",
@@ -153,9 +161,16 @@ def test_simreal_bench_compares_real_and_simulated_latency_per_kind(tmp_path: Pa
     assert isinstance(load, dict) and len(load["before_replay"]) == 3
 
 
-def test_unknown_suite_is_a_usage_error() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert out.returncode == 2
-    assert "usage" in out.stdout
+def test_calibration_bench_compares_with_and_without_calibration(tmp_path: Path) -> None:
+    result = run_bench(
+        "calibration", "--seeds", "1", "--scale", "0.3", "--scenarios", "calm,slow",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    summary = result["summary"]
+    assert isinstance(summary, dict)
+    assert set(summary) == {"calm", "slow", "bad_proposal"}
+    runs = result["runs"]
+    assert isinstance(runs, dict)
+    for row in runs["calm"] + runs["slow"]:
+        assert row["p95_on"] > 0 and row["p95_off"] > 0
+    assert len(runs["slow"][0]["oracle_ratio_by_run"]) == 3

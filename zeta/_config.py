@@ -34,13 +34,21 @@ from ._types import (
     ModelSpec,
     Scoring,
     check_int,
+    check_number,
     parse_kinds,
     shown,
     type_name,
 )
 from .backends import BACKENDS
 
-__all__ = ["Config", "MetricsConfig", "ServeConfig", "load_config", "parse_config"]
+__all__ = [
+    "CalibrationSettings",
+    "Config",
+    "MetricsConfig",
+    "ServeConfig",
+    "load_config",
+    "parse_config",
+]
 
 #: Scalar values a policy parameter may take.
 ParamValue = bool | int | float | str
@@ -142,6 +150,102 @@ def _check_api_key(value: object, key: str, *, show: bool = True) -> str:
     return value
 
 
+#: Objectives a calibrator may minimise: a latency quantile or the mean, over served requests.
+CALIBRATION_OBJECTIVES = ("p50", "p95", "p99", "mean")
+#: The largest relative move of one parameter in one calibration run (the issue's bound).
+MAX_CALIBRATION_STEP = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSettings:
+    """The default feedback calibrator's settings (``[calibration]``); validates itself.
+
+    Args:
+        enabled: run the default calibrator (``False``: no calibration timer at all).
+        interval_s: seconds between runs; each run looks at the arrivals of the last
+            ``interval_s`` (its window). ``> 0``, at most 1e6.
+        objective: what a run minimises over a window: ``"p95"`` (default), ``"p50"``,
+            ``"p99"`` latency or ``"mean"`` latency, end to end.
+        quality_budget: the largest share of requests served by a model that does not prefer
+            their kind (spilled) that is free; above it the objective is multiplied by
+            ``1 + 10 * (spilled - budget)``. 0 to 1.
+        max_step: the most one parameter moves in one run, relative (0 to 0.25).
+        margin: hysteresis: a candidate is applied only if its replayed objective beats the
+            current parameters' by this share. 0 to 1 (exclusive).
+        rollback_margin: a change is rolled back when the next window's live objective is worse
+            than the replay predicted by more than this share. 0 to 10.
+        candidates: candidate parameter sets replayed per run besides the current one
+            (each one parameter moved up or down by ``max_step``), 1 to 24.
+        tune: the :class:`~zeta.Scoring` fields a run may change (default: all of them).
+        refit: refit each model's service model from its history (reported, and the replay's
+            service model).
+        feed: also feed the refitted service models into the kernel's estimates. Off by
+            default: in ``python -m bench calibration`` feeding them made p95 3-35% worse (the
+            fit overestimates step slope and co-load), while the EWMAs adapt on their own.
+        max_samples: finished requests kept for the windows (the most recent), 64 to 1e6.
+        max_replay_requests: the most arrivals one replay takes (the latest of the window),
+            100 to 100000.
+        min_requests: the fewest finished requests in a window for a run to tune or guard,
+            1 to 100000.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+
+    enabled: bool = True
+    interval_s: float = 30.0
+    objective: str = "p95"
+    quality_budget: float = 0.5
+    max_step: float = MAX_CALIBRATION_STEP
+    margin: float = 0.05
+    rollback_margin: float = 0.25
+    candidates: int = 6
+    tune: tuple[str, ...] = SCORING_FIELDS
+    refit: bool = True
+    feed: bool = False
+    max_samples: int = 4096
+    max_replay_requests: int = 2000
+    min_requests: int = 50
+
+    def __post_init__(self) -> None:
+        for key in ("enabled", "refit", "feed"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(
+                    f"must be true or false, got {type_name(getattr(self, key))}", key=key
+                )
+        seconds = check_number(self.interval_s, "interval_s", 0.0, 1e6, low_open=True)
+        object.__setattr__(self, "interval_s", seconds)
+        if self.objective not in CALIBRATION_OBJECTIVES:
+            raise ConfigError(
+                f"must be one of {list(CALIBRATION_OBJECTIVES)}, got {shown(self.objective)}",
+                key="objective",
+            )
+        for key, high in (("quality_budget", 1.0), ("rollback_margin", 10.0)):
+            object.__setattr__(self, key, check_number(getattr(self, key), key, 0.0, high))
+        step = check_number(self.max_step, "max_step", 0.0, MAX_CALIBRATION_STEP, low_open=True)
+        object.__setattr__(self, "max_step", step)
+        margin = check_number(self.margin, "margin", 0.0, 1.0)
+        if margin >= 1.0:
+            raise ConfigError("must be below 1", key="margin")
+        object.__setattr__(self, "margin", margin)
+        check_int(self.candidates, "candidates", 1, 24)
+        check_int(self.max_samples, "max_samples", 64, 1_000_000)
+        check_int(self.max_replay_requests, "max_replay_requests", 100, 100_000)
+        check_int(self.min_requests, "min_requests", 1, 100_000)
+        tune = self.tune
+        if isinstance(tune, str | bytes) or not isinstance(tune, Collection):
+            raise ConfigError(
+                f"must be an array of parameter names, got {type_name(tune)}", key="tune"
+            )
+        for name in tune:
+            if name not in SCORING_FIELDS:
+                raise ConfigError(
+                    f"unknown parameter {shown(name)}; tunable: {list(SCORING_FIELDS)}",
+                    key="tune",
+                )
+        object.__setattr__(self, "tune", tuple(dict.fromkeys(tune)))
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """A validated configuration.
@@ -155,6 +259,8 @@ class Config:
         kinds: kinds some model must serve; the file is rejected otherwise.
         metrics: the metrics endpoint.
         serve: the HTTP server of ``zeta serve``.
+        calibration: the ``[calibration]`` table, or ``None`` when the file has none (the
+            scheduler's defaults: the feedback calibrator, every 30 s).
         source: the file it came from, if any.
     """
 
@@ -166,6 +272,7 @@ class Config:
     kinds: frozenset[Kind] = frozenset(SERVED_KINDS)
     metrics: MetricsConfig = MetricsConfig()
     serve: ServeConfig = field(default_factory=ServeConfig)
+    calibration: CalibrationSettings | None = None
     source: Path | None = None
 
     @property
@@ -178,18 +285,22 @@ class Config:
 
         ``models`` (``optional`` ones included: the flag is on each :class:`~zeta.ModelSpec`),
         ``mailbox_capacity``, ``policy`` (its name, or an object built with its parameters) and
-        ``scoring``. The metrics endpoint is left to the caller;
+        ``scoring``, and ``calibration`` when the file has a ``[calibration]`` table. The
+        metrics endpoint is left to the caller;
         :meth:`Scheduler.from_config <zeta.Scheduler.from_config>` serves it when enabled.
         """
         policy: object = self.policy
         if self.policy_params:
             policy = _make_policy(self.policy, self.policy_params)
-        return {
+        kwargs: dict[str, Any] = {
             "models": list(self.models),
             "mailbox_capacity": self.mailbox_capacity,
             "policy": policy,
             "scoring": self.scoring,
         }
+        if self.calibration is not None:
+            kwargs["calibration"] = self.calibration
+        return kwargs
 
 
 def load_config(path: str | os.PathLike[str], *, make_models: bool = True) -> Config:
@@ -268,11 +379,12 @@ def _param(value: object, key: str) -> ParamValue:
 # --------------------------------------------------------------------------------------------
 # Sections.
 
-_TOP_KEYS = ("scheduler", "policy", "scoring", "metrics", "serve", "models")
+_TOP_KEYS = ("scheduler", "policy", "scoring", "metrics", "serve", "calibration", "models")
 _SCHEDULER_KEYS = ("mailbox_capacity", "kinds")
 _POLICY_KEYS = ("name", "params")
 _METRICS_KEYS = ("enabled", "host", "port")
 _SERVE_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig))
+_CALIBRATION_KEYS = tuple(f.name for f in dataclasses.fields(CalibrationSettings))
 #: Keys of a ``[[models]]`` entry: :class:`~zeta.ModelSpec`'s fields, and the two that choose a
 #: ladder model instead of a path.
 _MODEL_KEYS = (*(f.name for f in dataclasses.fields(ModelSpec)), "ladder", "seed")
@@ -336,6 +448,15 @@ def parse_config(
     except ConfigError as exc:
         raise exc.under("serve") from None
 
+    calibration = None
+    if "calibration" in data:
+        raw_cal = _table(data["calibration"], "calibration")
+        _check_keys(raw_cal, _CALIBRATION_KEYS, "calibration.")
+        try:
+            calibration = CalibrationSettings(**raw_cal)
+        except ConfigError as exc:
+            raise exc.under("calibration") from None
+
     raw_models = data.get("models")
     if raw_models is None:
         raise ConfigError("no models configured; add at least one [[models]] table", key="models")
@@ -378,6 +499,7 @@ def parse_config(
         kinds=required,
         metrics=metrics,
         serve=serve,
+        calibration=calibration,
         source=source,
     )
 

@@ -28,10 +28,16 @@ from anyio.abc import TaskStatus
 
 from ._actor import ModelActor, ThreadWorker, ToThreadWorker, Worker
 from ._admission import Admission
-from ._calibration import Calibrator
+from ._calibration import CalibrationReport, Calibrator, Sample, SampleLog, load_calibrator
 from ._chat import ChatResult
 from ._classifier import Classifier, HeuristicClassifier
-from ._config import MAX_MAILBOX_CAPACITY, Config, MetricsConfig, load_config
+from ._config import (
+    MAX_MAILBOX_CAPACITY,
+    CalibrationSettings,
+    Config,
+    MetricsConfig,
+    load_config,
+)
 from ._exceptions import ConfigError
 from ._intake import ChatOptions, CompletionOptions, Intake, RequestOptions
 from ._ledger import Ledger
@@ -117,7 +123,15 @@ class Scheduler:
         supervision: restart, probe, hang and shutdown settings.
         sampler: utilisation sampler run every ``sample_interval`` seconds; default the telemetry
             package's ``DeviceSampler`` (NVML for GPU-placed models, host CPU utilisation for the rest).
-        calibrator: calibration hook run every ``calibration_interval`` seconds.
+        calibrator: calibration hook run every ``calibration_interval`` seconds: a
+            :class:`~zeta.Calibrator` object, the name of a shipped one (``"feedback"``, the
+            default: refits the service models, tunes the scoring parameters by replaying the
+            last window in the simulator, and rolls back a change live traffic disagrees with;
+            see ``zeta.sim._calibrate``), or ``None`` for no calibration.
+        calibration: the default calibrator's settings (``[calibration]`` in a config file);
+            ``enabled=False`` turns the named calibrator off.
+        calibration_interval: seconds between calibration runs; default
+            ``calibration.interval_s`` (30 s).
         recorder: where request counts and latencies go; default a new
             :class:`~zeta.Recorder` (``zs.recorder``).
         seed: seeds tie-breaking and randomised policies.
@@ -143,8 +157,9 @@ class Scheduler:
         supervision: Supervision | None = None,
         sampler: UtilisationSampler | None = None,
         sample_interval: float = 0.5,
-        calibrator: Calibrator | None = None,
-        calibration_interval: float = 60.0,
+        calibrator: Calibrator | str | None = "feedback",
+        calibration: CalibrationSettings | None = None,
+        calibration_interval: float | None = None,
         recorder: Recorder | None = None,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
@@ -156,6 +171,10 @@ class Scheduler:
         if aging_s != math.inf:
             check_number(aging_s, "aging_s", 0.0, MAX_SECONDS, low_open=True)
         check_number(sample_interval, "sample_interval", 0.0, MAX_SECONDS, low_open=True)
+        _kind_of("calibration", calibration, CalibrationSettings, optional=True)
+        settings = calibration if calibration is not None else CalibrationSettings()
+        if calibration_interval is None:
+            calibration_interval = settings.interval_s
         check_number(calibration_interval, "calibration_interval", 0.0, MAX_SECONDS, low_open=True)
         if worker not in ("thread", "to_thread"):
             raise ConfigError(f"must be 'thread' or 'to_thread', got {worker!r}", key="worker")
@@ -165,6 +184,8 @@ class Scheduler:
         _kind_of("recorder", recorder, Recorder, optional=True)
         _has("classifier", classifier, "classify")
         _has("sampler", sampler, "sample")
+        if isinstance(calibrator, str):
+            calibrator = load_calibrator(calibrator, settings, models) if settings.enabled else None
         _has("calibrator", calibrator, "calibrate")
         _has("backend_factory", backend_factory, "__call__")
         _has("clock", clock, "__call__", optional=False)
@@ -185,7 +206,9 @@ class Scheduler:
         router = self._router = Router(
             build_candidates(models, mailbox_capacity), self._policy, scoring=scoring, seed=seed
         )
-        self._ledger = Ledger(self.recorder, clock)
+        self._calibrator = calibrator
+        self._samples = SampleLog(settings.max_samples)
+        self._ledger = _SamplingLedger(self.recorder, clock, self._samples)
         self._intake = Intake(
             router,
             classifier if classifier is not None else HeuristicClassifier(),
@@ -221,6 +244,8 @@ class Scheduler:
             sample_interval=sample_interval,
             calibrator=calibrator,
             calibration_interval=calibration_interval,
+            samples=self._samples if calibrator is not None else None,
+            models=models,
         )
         self._phase = _Phase.NEW
         self._closing: anyio.Event | None = None
@@ -504,10 +529,30 @@ class Scheduler:
         result: EmbeddingResult = await self._execute(request)
         return result
 
-    async def calibrate(self) -> dict[str, float]:
-        """Run the calibration hook now; return the parameters it changed (empty if none)."""
-        applied = await self._supervisor.calibrate_once()
-        return dict(applied or {})
+    async def calibrate(self) -> CalibrationReport:
+        """Run the calibration hook now; return its report: a mapping of the parameters it
+        changed (empty if none), with the run's action, live and predicted objectives, fitted
+        service models and parameters as attributes (the ``calibration_finished`` event's
+        fields).
+
+        Raises:
+            ConfigError: the calibrator proposed an invalid change (nothing was applied).
+        """
+        report = await self._supervisor.calibrate_once()
+        if report is None:
+            return CalibrationReport({}, run=0, params=self._router.scoring.as_dict())
+        return report
+
+    @property
+    def calibrator(self) -> Calibrator | None:
+        """The calibrator in use, if any."""
+        return self._calibrator
+
+    def calibration_state(self) -> Any:
+        """The calibrator's counters and fits (its ``snapshot()``), for the metrics collector;
+        ``None`` if it keeps none."""
+        snapshot = getattr(self._calibrator, "snapshot", None)
+        return snapshot() if callable(snapshot) else None
 
     async def _execute(self, request: Request) -> Any:
         """Admit the request, wait for its end, and record it."""
@@ -526,6 +571,55 @@ class Scheduler:
             raise
         finally:
             self._ledger.record(request, outcome)
+
+
+class _SamplingLedger(Ledger):
+    """The ledger, also keeping each successful request's timings and sizes in a bounded
+    :class:`~zeta._calibration.SampleLog` for the calibrator."""
+
+    def __init__(self, recorder: Recorder, clock: Callable[[], float], log: SampleLog) -> None:
+        super().__init__(recorder, clock)
+        self._samples = log
+
+    def record(self, request: Request, outcome: Outcome) -> None:
+        fresh = not request.recorded
+        super().record(request, outcome)
+        if fresh and outcome is Outcome.OK:
+            sample = _sample_of(request)
+            if sample is not None:
+                self._samples.add(sample)
+
+
+def _sample_of(request: Request) -> Sample | None:
+    result, started, model = request.result, request.started_at, request.model
+    if started is None or model is None:
+        return None
+    route = request.route
+    if isinstance(result, CompletionResult):
+        first = started + result.first_token_s
+        output, max_tokens = result.completion_tokens, max(int(route.est_tokens), 0)
+    elif isinstance(result, EmbeddingResult):
+        first = started + result.service_s
+        output, max_tokens = 0, 0
+    else:
+        return None
+    end = started + result.service_s
+    if not all(math.isfinite(v) for v in (first, end, request.created_at)):
+        return None
+    return Sample(
+        model=model,
+        kind=route.kind_index,
+        at=request.created_at,
+        started=started,
+        first=first,
+        end=end,
+        prompt_tokens=result.prompt_tokens,
+        output_tokens=output,
+        max_tokens=max(max_tokens, output),
+        priority=int(route.priority),
+        difficulty=route.difficulty,
+        spilled=request.preferred is not None and model != request.preferred,
+    )
 
 
 def _kind_of(key: str, value: object, cls: type, *, optional: bool = False) -> None:

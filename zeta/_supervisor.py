@@ -17,19 +17,26 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ._actor import ContextFailure, ModelActor
-from ._calibration import CalibrationView, Calibrator
+from ._calibration import (
+    CalibrationDecision,
+    CalibrationReport,
+    CalibrationView,
+    Calibrator,
+    SampleLog,
+    apply_decision,
+)
 from ._exceptions import ActorDead, ConfigError, ModelLoadError, SchedulerClosed
 from ._request import Request, RequestState
 from ._router import Router
 from ._snapshot import ActorState, SchedulerSnapshot
-from ._types import check_int, check_number
+from ._types import ModelSpec, check_int, check_number
 from .backends._base import CompletionParams
 from .telemetry._logging import get_logger, redacting
 from .telemetry._recorder import Recorder
@@ -117,6 +124,8 @@ class Supervisor:
         sample_interval: float,
         calibrator: Calibrator | None,
         calibration_interval: float,
+        samples: SampleLog | None = None,
+        models: Sequence[ModelSpec] = (),
     ) -> None:
         self._actors = tuple(actors)
         self._router = router
@@ -128,6 +137,8 @@ class Supervisor:
         self._sample_interval = sample_interval
         self._calibrator = calibrator
         self._calibration_interval = calibration_interval
+        self._samples = samples
+        self._models = tuple(models)
         self._stop: anyio.Event | None = None
         self.calibration_runs = 0
 
@@ -417,30 +428,39 @@ class Supervisor:
             await anyio.sleep(self._sample_interval)
             self.sample_once()
 
-    async def calibrate_once(self) -> Mapping[str, float] | None:
-        """Run the calibrator once and apply what it proposes; return what was applied.
+    async def calibrate_once(self) -> CalibrationReport | None:
+        """Run the calibrator once and apply what it decides; return the run's report (a
+        mapping of the parameters it changed, with the run's details), or ``None`` without a
+        calibrator. The calibrator does its own heavy work off the event loop; applying the
+        decision to the router and the kernel happens here, on it.
 
         Raises:
-            ConfigError: the calibrator proposed an unknown parameter or an invalid value.
+            ConfigError: the calibrator proposed an unknown parameter or an invalid value
+                (nothing was changed).
         """
         if self._calibrator is None:
             return None
+        now = self._clock()
         view = CalibrationView(
             snapshot=self._snapshot(),
             history=self._recorder.snapshot(),
             params=self._router.scoring.as_dict(),
             run=self.calibration_runs,
+            samples=tuple(self._samples.since(-math.inf)) if self._samples is not None else (),
+            models=self._models,
+            now=now,
         )
         proposed = await self._calibrator.calibrate(view)
         self.calibration_runs += 1
-        applied: dict[str, float] = {}
-        if proposed is not None:
-            scoring = self._router.apply(proposed)
-            applied = {k: getattr(scoring, k) for k in proposed}
+        applied = apply_decision(self._router, proposed, self._clock())
         params = self._router.scoring.as_dict()
         self._recorder.calibrated(params)
-        log.info("calibrated", run=self.calibration_runs, changed=sorted(applied), **params)
-        return applied
+        decision = proposed if isinstance(proposed, CalibrationDecision) else None
+        report = CalibrationReport(
+            applied, run=self.calibration_runs, params=params, decision=decision
+        )
+        log.info("calibration_finished", **report.log_fields())
+        return report
 
     async def calibrate_forever(self) -> None:
         if self._calibrator is None:

@@ -9,8 +9,9 @@ values come only from config (model names, device indices) and enums (kind, outc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -80,6 +81,44 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "zeta_calibration_runs": ("counter", "Finished calibration runs.", ()),
     "zeta_calibration_parameter_value": (
         "gauge", "Current value of each calibrated scoring parameter.", ("parameter",),
+    ),
+    "zeta_calibration_applied": (
+        "counter", "Calibration runs that applied a tuned parameter change.", (),
+    ),
+    "zeta_calibration_rejected": (
+        "counter", "Calibration runs whose candidates did not beat the current parameters.", (),
+    ),
+    "zeta_calibration_rolled_back": (
+        "counter", "Calibration runs that rolled a change back to the last good parameters.", (),
+    ),
+    "zeta_calibration_failed": (
+        "counter", "Calibration runs that raised (routing kept the last good parameters).", (),
+    ),
+    "zeta_calibration_live_objective_seconds": (
+        "gauge", "The objective (default p95 latency) of the last calibration window, live.", (),
+    ),
+    "zeta_calibration_predicted_before_seconds": (
+        "gauge", "The replayed objective of the parameters in force before the last run.", (),
+    ),
+    "zeta_calibration_predicted_after_seconds": (
+        "gauge", "The replayed objective of the parameters the last run left in force.", (),
+    ),
+    "zeta_calibration_fit_call_seconds": (
+        "gauge", "Fitted per-call overhead to the first token (NaN before a fit).", ("model",),
+    ),
+    "zeta_calibration_fit_prefill_token_seconds": (
+        "gauge", "Fitted prefill time per prompt token (NaN before a fit).", ("model",),
+    ),
+    "zeta_calibration_fit_token_seconds": (
+        "gauge", "Fitted decode time per output token at one sequence (NaN before a fit).",
+        ("model",),
+    ),
+    "zeta_calibration_fit_step_slope_ratio": (
+        "gauge", "Fitted step-time growth per extra busy sequence (NaN before a fit).", ("model",),
+    ),
+    "zeta_calibration_fit_co_slow_ratio": (
+        "gauge", "Fitted step slowdown per other busy model on the device (NaN before a fit).",
+        ("model",),
     ),
     "zeta_actor_queued_requests": (
         "gauge", "Requests waiting in the actor's mailbox.", ("model", "replica"),
@@ -245,6 +284,7 @@ class ZetaCollector(Collector):
             log.warning("metrics_snapshot_failed", error=f"{type(exc).__name__}: {exc}")
         models = sorted({a.name for a in snapshot.models}) if snapshot is not None else []
         self._recorder(f, recorded, models)
+        self._calibration(f, models)
         if snapshot is not None:
             self._actors(f, snapshot)
         if self._devices is not None:
@@ -284,6 +324,39 @@ class ZetaCollector(Collector):
         f.add("zeta_calibration_runs", (), r.calibration_runs)
         for param, value in sorted(r.calibration_params.items()):
             f.add("zeta_calibration_parameter_value", (param,), value)
+
+    def _calibration(self, f: _Families, models: Iterable[str]) -> None:
+        """The calibrator's counters, last objectives and fits (``source.calibration_state()``
+        when the source has one); every series is present from the first scrape (0, NaN)."""
+        state: Any = None
+        reader = getattr(self._source, "calibration_state", None)
+        if callable(reader):
+            try:
+                state = reader()
+            except Exception as exc:
+                log.warning("metrics_calibration_failed", error=f"{type(exc).__name__}: {exc}")
+        counts: Mapping[str, int] = getattr(state, "counts", None) or {}
+        for action in ("applied", "rejected", "rolled_back", "failed"):
+            f.add(f"zeta_calibration_{action}", (), counts.get(action, 0))
+        last = getattr(state, "last", None)
+        nan = math.nan
+        for name, attr in (
+            ("zeta_calibration_live_objective_seconds", "objective"),
+            ("zeta_calibration_predicted_before_seconds", "predicted_before"),
+            ("zeta_calibration_predicted_after_seconds", "predicted_after"),
+        ):
+            f.add(name, (), float(getattr(last, attr, nan)))
+        fits: Mapping[str, Any] = getattr(state, "fits", None) or {}
+        for model in sorted(set(models) | set(fits)):
+            fit = fits.get(model)
+            for name, attr in (
+                ("zeta_calibration_fit_call_seconds", "call_s"),
+                ("zeta_calibration_fit_prefill_token_seconds", "prefill_token_s"),
+                ("zeta_calibration_fit_token_seconds", "token_s"),
+                ("zeta_calibration_fit_step_slope_ratio", "step_slope"),
+                ("zeta_calibration_fit_co_slow_ratio", "co_slow"),
+            ):
+                f.add(name, (model,), float(getattr(fit, attr, nan)))
 
     @staticmethod
     def _actors(f: _Families, snapshot: SchedulerSnapshot) -> None:
