@@ -41,6 +41,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -209,13 +210,17 @@ class LlamaServer:
             "-t", str(spec.n_threads), "-tb", str(spec.n_threads), "-ngl", "0",
             "--host", "127.0.0.1", "--port", str(port),
         ]  # fmt: skip
+        # Its log goes to a file: a pipe nobody reads fills up and stalls the server's logging
+        # (and with it the server), which once made it look 40x slower than it is.
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log
         )
         deadline = time.monotonic() + 120.0
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self.log.seek(0)
+                err = self.log.read().decode(errors="replace")
                 raise RuntimeError(f"exited with status {self.proc.returncode}: {err[-300:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2.0) as r:
@@ -245,6 +250,7 @@ class LlamaServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def find_llama_server(given: str | None) -> str | None:
