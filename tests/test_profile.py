@@ -6,6 +6,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from zeta import Kind
 from zeta.cli import main
 from zeta.sim import Fleet, load_fleet
@@ -60,3 +62,48 @@ slots = 2
     (coder,) = fleet.models
     assert coder.name == "coder" and coder.profile.slots == 2
     assert main(["profile", "--config", str(config), "--rounds", "0"]) == 2
+
+
+def test_a_profile_seeds_a_fresh_scheduler_s_estimates() -> None:
+    from zeta import ConfigError, ModelSpec, Scheduler, ServicePrior
+    from zeta.sim import ladder_fleet
+
+    fleet = ladder_fleet(slots=4)
+    priors = fleet.priors()
+    coder = priors["coder"]
+    assert coder.token_s == fleet.model("coder").profile.step_s[0]
+    assert coder.step_slope is not None and coder.step_slope > 0
+    assert coder.co_slow is not None and coder.co_slow > 0
+    specs = [
+        ModelSpec(m.name, backend="simulated", kinds=m.spec.kinds, preferred=m.spec.preferred,
+                  slots=4)
+        for m in fleet.models
+    ]  # fmt: skip
+    zs = Scheduler(specs, priors=priors)
+    row = zs._router.rows["coder"][0]
+    table = zs._router.table
+    assert table.ewma(row) == (coder.first_token_s, coder.token_s)
+    assert table.step_slope(row) == coder.step_slope
+    assert abs(table.co_slow(row) - coder.co_slow) < 1e-6  # the kernel quantises it
+    with pytest.raises(ConfigError, match="no configured model"):
+        Scheduler(specs, priors={"nosuch": coder})
+    with pytest.raises(ConfigError, match="ServicePrior"):
+        Scheduler(specs, priors={"coder": (0.1, 0.01)})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="token_s"):
+        ServicePrior(0.1, -1.0)
+
+
+def test_zeta_serve_takes_a_profile_and_names_a_bad_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "zeta.toml"
+    config.write_text(
+        '[scheduler]\nkinds = ["embed"]\n\n'
+        '[[models]]\nname = "m"\nbackend = "simulated"\nkinds = ["embed"]\n'
+    )
+    assert main(["serve", "--config", str(config), "--profile", str(tmp_path / "none.toml")]) == 1
+    assert "profile: cannot read the profile" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[models]]\nname = 'm'\n")
+    assert main(["serve", "--config", str(config), "--profile", str(bad)]) == 1
+    assert "models[0]" in capsys.readouterr().err  # the profile's key path

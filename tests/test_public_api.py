@@ -55,6 +55,7 @@ PUBLIC = (
     "SchedulerSnapshot",
     "Scoring",
     "ServeConfig",
+    "ServicePrior",
     "StaticPolicy",
     "Supervision",
     "ThresholdPolicy",

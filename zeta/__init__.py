@@ -56,6 +56,7 @@ from ._types import Kind as Kind
 from ._types import ModelSpec as ModelSpec
 from ._types import Priority as Priority
 from ._types import Scoring as Scoring
+from ._types import ServicePrior as ServicePrior
 from .telemetry._recorder import Outcome as Outcome
 from .telemetry._recorder import Recorder as Recorder
 
@@ -114,6 +115,7 @@ __all__ = (
     "SchedulerSnapshot",
     "Scoring",
     "ServeConfig",
+    "ServicePrior",
     "StaticPolicy",
     "Supervision",
     "ThresholdPolicy",

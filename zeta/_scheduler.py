@@ -48,7 +48,7 @@ from ._router import Router, build_candidates, check_models
 from ._snapshot import SchedulerSnapshot
 from ._stream import TokenStream
 from ._supervisor import Supervision, Supervisor
-from ._types import ModelSpec, Scoring, check_int, check_number
+from ._types import ModelSpec, Scoring, ServicePrior, check_int, check_number
 from .backends import get_backend
 from .backends._base import BackendFactory
 from .telemetry._recorder import Outcome, Recorder
@@ -135,6 +135,10 @@ class Scheduler:
         recorder: where request counts and latencies go; default a new
             :class:`~zeta.Recorder` (``zs.recorder``).
         seed: seeds tie-breaking and randomised policies.
+        priors: per model name, the service expected before any request is observed
+            (:class:`~zeta.ServicePrior`; ``zeta.sim.load_fleet(path).priors()`` reads them from
+            a ``zeta profile`` file), so a fresh scheduler does not start from unseeded
+            estimates.
         clock: monotonic seconds; deadlines are absolute times on this clock
             (``time.monotonic``, which is also asyncio's loop clock).
 
@@ -162,6 +166,7 @@ class Scheduler:
         calibration_interval: float | None = None,
         recorder: Recorder | None = None,
         seed: int = 0,
+        priors: Mapping[str, ServicePrior] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         models = check_models(models, MAX_ACTORS)
@@ -208,6 +213,7 @@ class Scheduler:
         )
         self._calibrator = calibrator
         self._samples = SampleLog(settings.max_samples)
+        _seed_priors(router, priors, clock())
         self._ledger = _SamplingLedger(self.recorder, clock, self._samples)
         self._intake = Intake(
             router,
@@ -620,6 +626,35 @@ def _sample_of(request: Request) -> Sample | None:
         difficulty=route.difficulty,
         spilled=request.preferred is not None and model != request.preferred,
     )
+
+
+def _seed_priors(router: Router, priors: Mapping[str, ServicePrior] | None, now: float) -> None:
+    """Seed each prior's model rows in the kernel: step slope and co-load first, then one
+    observation of the typical request at one sequence (a new row's first one sets its
+    estimates exactly).
+
+    Raises:
+        ConfigError: a name that is no configured model, or a value that is no ServicePrior.
+    """
+    if priors is None:
+        return
+    if not isinstance(priors, Mapping):
+        raise ConfigError(f"must be a mapping, got {type(priors).__name__}", key="priors")
+    for name, prior in priors.items():
+        rows = router.rows.get(name) if isinstance(name, str) else None
+        if rows is None:
+            raise ConfigError(f"no configured model is named {name!r}", key="priors")
+        if not isinstance(prior, ServicePrior):
+            raise ConfigError(
+                f"must be a ServicePrior, got {type(prior).__name__}", key=f"priors.{name}"
+            )
+        table = router.table
+        for i in rows:
+            if prior.step_slope is not None:
+                table.set_step_slope(i, prior.step_slope)
+            if prior.co_slow is not None:
+                table.set_co_slow(i, prior.co_slow)
+            table.observe(i, prior.first_token_s, prior.token_s, now, 1)
 
 
 def _kind_of(key: str, value: object, cls: type, *, optional: bool = False) -> None:

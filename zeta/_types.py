@@ -302,6 +302,41 @@ class Scoring:
         return {name: getattr(self, name) for name in SCORING_FIELDS}
 
 
+@dataclass(frozen=True, slots=True)
+class ServicePrior:
+    """What a model's service is expected to be before any request has been observed (from a
+    measured profile: :meth:`zeta.sim.Fleet.priors`, written by ``zeta profile``).
+
+    Args:
+        first_token_s: seconds to the first token of a typical request, alone.
+        token_s: seconds per generated token with one sequence in the context.
+        step_slope: the step time's growth per extra busy sequence (``None``: the kernel's
+            default).
+        co_slow: the step time's growth per other busy model on its device (``None``: the
+            scoring parameter's value).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+
+    first_token_s: float
+    token_s: float
+    step_slope: float | None = None
+    co_slow: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("first_token_s", "token_s"):
+            object.__setattr__(self, key, check_number(getattr(self, key), key, 0.0, 1e6))
+        if self.step_slope is not None:
+            object.__setattr__(
+                self, "step_slope", check_number(self.step_slope, "step_slope", 0.0, 10.0)
+            )
+        if self.co_slow is not None:
+            object.__setattr__(
+                self, "co_slow", check_number(self.co_slow, "co_slow", 0.0, MAX_CO_SLOW)
+            )
+
+
 #: The largest value a scoring parameter may take (seconds or a weight): far above any sensible
 #: setting, and small enough that costs computed from it stay finite.
 MAX_SCORING_VALUE = 1e6

@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         auth = "; requests need the API key" if key else ""
         print(f"zeta serve: {url}/v1 (models: {names}){auth}; Ctrl-C stops", flush=True)
 
-    serve(config, host=args.host, port=args.port, announce=announce)
+    serve(config, host=args.host, port=args.port, announce=announce, profile=args.profile)
     return 0
 
 
@@ -269,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="TCP port (default: [serve] port, 8000)",
+    )
+    serve.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="a `zeta profile` file: its measurements seed the routing estimates",
     )
     _log_arguments(serve)
     serve.set_defaults(func=_serve)

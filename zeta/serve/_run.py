@@ -131,6 +131,7 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     announce: Callable[[str], None] | None = None,
+    profile: str | os.PathLike[str] | None = None,
 ) -> None:
     """Run ``zeta serve`` in the foreground until SIGINT or SIGTERM (what the command runs).
 
@@ -139,6 +140,7 @@ def serve(
             ``[serve]`` table (address, API key, body limit).
         host, port: override ``[serve]``'s.
         announce: called with the base URL (``http://127.0.0.1:8000``) once requests are served.
+        profile: a ``zeta profile`` file whose measurements seed the scheduler's estimates.
 
     Raises:
         ConfigError: an invalid config, an API key variable with an invalid value, or an address
@@ -149,7 +151,15 @@ def serve(
         config = load_config(config)
     settings = config.serve
     api_key = settings.resolve_api_key()
-    scheduler = Scheduler.from_config(config)
+    priors = None
+    if profile is not None:
+        from ..sim import load_fleet
+
+        try:
+            priors = load_fleet(profile).priors()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the profile: {exc}", key="profile") from None
+    scheduler = Scheduler.from_config(config, priors=priors)
     app = create_app(
         scheduler,
         api_key=api_key,

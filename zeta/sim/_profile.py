@@ -38,7 +38,15 @@ from os import PathLike
 from typing import Any
 
 from .._exceptions import ConfigError
-from .._types import SERVED_KINDS, Kind, ModelSpec, check_int, check_number
+from .._types import (
+    MAX_CO_SLOW,
+    SERVED_KINDS,
+    Kind,
+    ModelSpec,
+    ServicePrior,
+    check_int,
+    check_number,
+)
 
 __all__ = [
     "Device",
@@ -265,6 +273,22 @@ class Fleet:
             except TypeError as exc:  # a missing required profile field
                 raise ConfigError(str(exc), key=where) from None
         return cls(tuple(models), lanes)
+
+    def priors(self, prompt_tokens: int = 64) -> dict[str, ServicePrior]:
+        """Each model's profile as the scheduler's priors (``Scheduler(priors=...)``): the first
+        token of a ``prompt_tokens`` request, the one-sequence step, the step's growth per
+        extra busy sequence (a straight line through ``step_s``) and per other busy model on
+        its device (``coload[1] - 1``)."""
+        out: dict[str, ServicePrior] = {}
+        for m in self.models:
+            p = m.profile
+            step = p.step_s
+            slope = (step[-1] / step[0] - 1.0) / (len(step) - 1) if len(step) > 1 else 0.0
+            co = min(p.coload[1] - 1.0, MAX_CO_SLOW) if len(p.coload) > 1 else None
+            out[m.name] = ServicePrior(
+                p.prefill(prompt_tokens), step[0], min(max(slope, 0.0), 10.0), co
+            )
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The dict form; ``Fleet.from_dict(f.to_dict()) == f``."""
