@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from ._config import CalibrationSettings
 from ._exceptions import ConfigError
+from ._request import CompletionResult, EmbeddingResult, Request
 from ._router import Router
 from ._snapshot import SchedulerSnapshot
 from ._types import ModelSpec
@@ -108,6 +109,40 @@ class Sample:
     @property
     def latency(self) -> float:
         return self.end - self.at
+
+
+def sample_of(request: Request) -> Sample | None:
+    """What the calibrator keeps of a successful request (``None`` if it never started or its
+    timings are not finite)."""
+    result, started, model = request.result, request.started_at, request.model
+    if started is None or model is None:
+        return None
+    route = request.route
+    if isinstance(result, CompletionResult):
+        first = started + result.first_token_s
+        output, max_tokens = result.completion_tokens, max(int(route.est_tokens), 0)
+    elif isinstance(result, EmbeddingResult):
+        first = started + result.service_s
+        output, max_tokens = 0, 0
+    else:
+        return None
+    end = started + result.service_s
+    if not all(math.isfinite(v) for v in (first, end, request.created_at)):
+        return None
+    return Sample(
+        model=model,
+        kind=route.kind_index,
+        at=request.created_at,
+        started=started,
+        first=first,
+        end=end,
+        prompt_tokens=result.prompt_tokens,
+        output_tokens=output,
+        max_tokens=max(max_tokens, output),
+        priority=int(route.priority),
+        difficulty=route.difficulty,
+        spilled=request.preferred is not None and model != request.preferred,
+    )
 
 
 class SampleLog:

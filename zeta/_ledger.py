@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ._calibration import SampleLog, sample_of
 from ._exceptions import InvalidInputError
 from ._loop import LoopHandle
 from ._request import Request
@@ -40,6 +41,8 @@ class Ledger:
         self.cancelled: type[BaseException] = BaseException
         #: The running loop (set when the scheduler starts), for streams dropped mid-way.
         self.handle: LoopHandle | None = None
+        #: Where each successful request's timings go for the calibrator (``None``: nowhere).
+        self.samples: SampleLog | None = None
 
     def outcome_of(self, exc: BaseException) -> Outcome:
         """What an exception the caller saw stands for: cancelled, or a typed error's outcome."""
@@ -72,6 +75,8 @@ class Ledger:
             if request.preferred is not None and model != request.preferred:
                 spilled_from = request.preferred
                 recorder.spilled(spilled_from, model or "none")
+            if self.samples is not None and (sample := sample_of(request)) is not None:
+                self.samples.add(sample)
         elif outcome is Outcome.OVERLOADED:
             recorder.rejected(kind)
         self._log(

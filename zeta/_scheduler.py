@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from ._actor import ModelActor, ThreadWorker, ToThreadWorker, Worker
 from ._admission import Admission
-from ._calibration import CalibrationReport, Calibrator, Sample, SampleLog, load_calibrator
+from ._calibration import CalibrationReport, Calibrator, SampleLog, load_calibrator
 from ._chat import ChatResult
 from ._classifier import Classifier, HeuristicClassifier
 from ._config import (
@@ -214,7 +214,9 @@ class Scheduler:
         self._calibrator = calibrator
         self._samples = SampleLog(settings.max_samples)
         _seed_priors(router, priors, clock())
-        self._ledger = _SamplingLedger(self.recorder, clock, self._samples)
+        self._ledger = Ledger(self.recorder, clock)
+        if calibrator is not None:  # the calibrator's history: each successful request
+            self._ledger.samples = self._samples
         self._intake = Intake(
             router,
             classifier if classifier is not None else HeuristicClassifier(),
@@ -577,55 +579,6 @@ class Scheduler:
             raise
         finally:
             self._ledger.record(request, outcome)
-
-
-class _SamplingLedger(Ledger):
-    """The ledger, also keeping each successful request's timings and sizes in a bounded
-    :class:`~zeta._calibration.SampleLog` for the calibrator."""
-
-    def __init__(self, recorder: Recorder, clock: Callable[[], float], log: SampleLog) -> None:
-        super().__init__(recorder, clock)
-        self._samples = log
-
-    def record(self, request: Request, outcome: Outcome) -> None:
-        fresh = not request.recorded
-        super().record(request, outcome)
-        if fresh and outcome is Outcome.OK:
-            sample = _sample_of(request)
-            if sample is not None:
-                self._samples.add(sample)
-
-
-def _sample_of(request: Request) -> Sample | None:
-    result, started, model = request.result, request.started_at, request.model
-    if started is None or model is None:
-        return None
-    route = request.route
-    if isinstance(result, CompletionResult):
-        first = started + result.first_token_s
-        output, max_tokens = result.completion_tokens, max(int(route.est_tokens), 0)
-    elif isinstance(result, EmbeddingResult):
-        first = started + result.service_s
-        output, max_tokens = 0, 0
-    else:
-        return None
-    end = started + result.service_s
-    if not all(math.isfinite(v) for v in (first, end, request.created_at)):
-        return None
-    return Sample(
-        model=model,
-        kind=route.kind_index,
-        at=request.created_at,
-        started=started,
-        first=first,
-        end=end,
-        prompt_tokens=result.prompt_tokens,
-        output_tokens=output,
-        max_tokens=max(max_tokens, output),
-        priority=int(route.priority),
-        difficulty=route.difficulty,
-        spilled=request.preferred is not None and model != request.preferred,
-    )
 
 
 def _seed_priors(router: Router, priors: Mapping[str, ServicePrior] | None, now: float) -> None:
