@@ -36,19 +36,9 @@ from .._types import Kind, ModelSpec
 from ..backends import get_backend
 from ..backends._base import BatchBackend, CompletionParams, batched, run_alone
 from ._profile import Device, Fleet, ServiceProfile, SimModel
+from ._real import prompt_of
 
 __all__ = ["fleet_toml", "measure_fleet"]
-
-_WORDS = (
-    "alpha", "beta", "gamma", "delta", "queue", "token", "model", "route", "batch", "slot",
-    "def", "return", "class", "import", "prove", "step", "reason", "cache", "load", "time",
-)  # fmt: skip
-
-
-def _prompt(n_words: int, salt: int) -> str:
-    """A prompt of about ``n_words`` words that no earlier prompt shares a prefix with."""
-    words = [_WORDS[(salt * 7 + i * 13 + i // 5) % len(_WORDS)] for i in range(n_words)]
-    return f"{salt} " + " ".join(words)
 
 
 class _Salt:
@@ -165,7 +155,7 @@ def _prefill(
     for n_words in (short, long):
         times, tokens = [], []
         for _ in range(rounds + 1):  # the first is a warm-up
-            text = _prompt(n_words, salt())
+            text = prompt_of(n_words + 1, salt())
             if embeds:
                 t0 = time.perf_counter()
                 result = backend.embed([text])
@@ -191,7 +181,7 @@ def _decode(backend: BatchBackend, k: int, salt: _Salt, budget: int) -> list[int
             started.add(key)
             return True
 
-        backend.admit(key, CompletionParams(_prompt(4, key), max_tokens=budget), seen)
+        backend.admit(key, CompletionParams(prompt_of(5, key), max_tokens=budget), seen)
     while len(started) < k:
         if backend.step() and len(started) < k:
             break
@@ -231,7 +221,7 @@ def _timed_embeds(backend: BatchBackend, rounds: int, salt: _Salt) -> float:
     """Median time of ``rounds`` one-text embeddings of a fresh 64-word prompt."""
     times = []
     for _ in range(max(1, rounds)):
-        text = _prompt(64, salt())
+        text = prompt_of(65, salt())
         t0 = time.perf_counter()
         backend.embed([text])
         times.append(time.perf_counter() - t0)
@@ -266,7 +256,7 @@ def _beside(measure: Callable[[], float], salt: _Salt, others: Sequence[BatchBac
             if other.spec.kinds == frozenset({Kind.EMBED}):
                 ready.wait()
                 while not stop.is_set():
-                    other.embed([_prompt(64, salt())])
+                    other.embed([prompt_of(65, salt())])
                 return
             keys = _decode(other, 1, salt, 48)
             ready.wait()
