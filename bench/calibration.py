@@ -102,7 +102,7 @@ def run_one(name: str, seed: int, interval: float, scale: float) -> dict[str, An
 
 
 def bad_proposal(seed: int, interval: float, scale: float) -> dict[str, Any]:
-    """Inject a bad change at the third run of ``steady``; was it rolled back at the next?"""
+    """Inject a bad change at the third run of ``surge``; was it rolled back at the next?"""
     fleet = ladder_fleet()
     workload = scenario("surge", fleet, seed, scale=scale)
     settings = CalibrationSettings(interval_s=interval)

@@ -607,10 +607,12 @@ def sim_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     speed = {c.label: measure_speed(runs, c.label) for c in contenders}
     policies_speed = measure_speed(runs, *(c.label for c in contenders if c.policy in POLICIES))
     cap = Capacity(fleet)
+    surged = cap.surge_model()
     headroom = {
-        "surge": cap.headroom(surge_loads()),
-        "surge_contended": cap.headroom(surge_loads(), contended=True),
-        "overwhelm": cap.headroom(surge_loads(2.0)),
+        "surged_model": surged,
+        "surge": cap.headroom(surge_loads(fleet)),
+        "surge_contended": cap.headroom(surge_loads(fleet), contended=True),
+        "overwhelm": cap.headroom(surge_loads(fleet, 2.0)),
     }
     verdicts = check_targets(agg)
     flagged = beats_oracle(agg)
@@ -623,7 +625,8 @@ def sim_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     print(f"scoring defaults (each contender's unless it sets them): {Scoring().as_dict()}")
     print(
-        f"surge headroom (others' spare over the coder's excess): {headroom['surge']:.2f} nominal, "
+        f"surge on the {surged}; headroom (others' spare over its excess): "
+        f"{headroom['surge']:.2f} nominal, "
         f"{headroom['surge_contended']:.2f} with absorbing's own contention; "
         f"overwhelm {headroom['overwhelm']:.2f}"
     )

@@ -19,12 +19,15 @@ Scenarios (each a few thousand requests at ``scale=1``):
 calm       every model at 50% load, Poisson arrivals
 steady     every model at 75%
 bursty     45% background; every 20 s a 4 s storm of high-priority code at +150% of the coder
-surge      embedder at 30%, reasoner at 20%; the coder at 50%, and for 30 s in every 60 s its
-           kinds arrive at 120% of its capacity: the excess fits in the reasoner's spare
-           capacity at the reasoner's speed for those kinds (:meth:`Capacity.headroom` > 1;
-           on a shared device absorbing it also slows the coder, which the contended headroom
-           counts, and which may leave no room at all)
-overwhelm  the same surges at 200%, which no policy can absorb (headroom < 1)
+surge      one model's kinds at 50%, and for 30 s in every 60 s at 120% of its capacity; the
+           others' kinds at 20% (embeddings 30%). The surged model is the one whose excess the
+           other models absorb best, counting what absorbing costs on a shared device
+           (:meth:`Capacity.surge_model`). On both shipped fleets that is the reasoner: the
+           coder serves reasoning at a fraction of the reasoner's cost, while the reasoner
+           would serve code at several times the coder's and, on a shared device, slow the
+           coder too (on the 2-core ladder a coder surge leaves no room at all)
+overwhelm  the same at 200% on the model whose excess the others absorb least (on both
+           shipped fleets the coder): no policy can absorb it (contended headroom < 1)
 fanout     agents: a plan (reason), then 8 code edits and 4 embeddings at once, then a summary
            (simple); sessions arrive so the busiest model averages 60%
 heavy_tail every model at 60%, with lognormal prompt and output lengths (sigma 1.2, same means)
@@ -49,6 +52,13 @@ __all__ = ["SCENARIOS", "Capacity", "Phase", "Scenario", "scenario", "surge_load
 
 #: Share of the coder's load that is ``simple`` (the rest is ``code``).
 SIMPLE_SHARE = 0.4
+#: Loads of the kinds not surged: embeddings, and every other kind.
+SURGE_BACKGROUND: Mapping[Kind, float] = {Kind.EMBED: 0.3}
+SURGE_OTHERS = 0.2
+#: The absorbable surge's level: its kinds' share of the surged model's capacity (1.15-1.3).
+SURGE = 1.2
+#: The overwhelming surge's level.
+OVERWHELM = 2.0
 
 
 class Capacity:
@@ -230,6 +240,44 @@ class Capacity:
                 covered += spare * m.spec.replicas / need
         return covered
 
+    def groups(self) -> dict[str, tuple[Kind, ...]]:
+        """Per rule model, in fleet order, the kinds the static rules send to it."""
+        out: dict[str, tuple[Kind, ...]] = {}
+        for m in self.fleet.models:
+            kinds = tuple(k for k in SERVED_KINDS if m in self.pool[k])
+            if kinds:
+                out[m.name] = kinds
+        return out
+
+    def surge_loads(self, model: str, level: float) -> dict[Kind, float]:
+        """Per-kind loads while ``model``'s kinds arrive at ``level`` of its capacity: the
+        other kinds at :data:`SURGE_BACKGROUND`."""
+        kinds = self.groups()[model]
+        out = {
+            k: SURGE_BACKGROUND.get(k, SURGE_OTHERS)
+            for k in SERVED_KINDS
+            if k in self.served and k not in kinds
+        }
+        for kind, share in _shares(kinds).items():
+            out[kind] = share * level
+        return out
+
+    def surge_model(self, level: float = SURGE, *, absorbable: bool = True) -> str:
+        """The rule model whose kinds a surge at ``level`` overloads: of those whose excess
+        some other model can serve, the one with the most contended :meth:`headroom` (with
+        ``absorbable=False`` the least: the surge no routing can absorb); ties in fleet
+        order; with none, the first rule model."""
+        groups = self.groups()
+        best, best_room = next(iter(groups)), math.nan
+        sign = 1.0 if absorbable else -1.0
+        for name, kinds in groups.items():
+            if not self.absorbers(kinds):
+                continue
+            room = sign * self.headroom(self.surge_loads(name, level), contended=True)
+            if not room <= best_room:  # the first, or more room (less when not absorbable)
+                best, best_room = name, room
+        return best
+
 
 # -- scenarios --------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
@@ -247,6 +295,14 @@ class Phase:
 
 def _coder(load: float) -> dict[Kind, float]:
     return {Kind.SIMPLE: SIMPLE_SHARE * load, Kind.CODE: (1.0 - SIMPLE_SHARE) * load}
+
+
+def _shares(kinds: Sequence[Kind]) -> dict[Kind, float]:
+    """How one model's load splits over ``kinds``: simple and code as on the coder, else
+    evenly."""
+    if set(kinds) == {Kind.SIMPLE, Kind.CODE}:
+        return _coder(1.0)
+    return dict.fromkeys(kinds, 1.0 / len(kinds))
 
 
 def _even(
@@ -361,21 +417,18 @@ def _bursty(cap: Capacity, scale: float) -> list[Phase]:
     return out
 
 
-#: Embedder and reasoner loads under the surges.
-SURGE_BACKGROUND: Mapping[Kind, float] = {Kind.EMBED: 0.3, Kind.REASON: 0.2}
-#: The absorbable surge's level: its kinds' share of the coder's capacity (1.15-1.3).
-SURGE = 1.2
-#: The overwhelming surge's level.
-OVERWHELM = 2.0
-
-
-def _surges(level: float) -> Callable[[Capacity, float], list[Phase]]:
-    """The coder's kinds at 50% for 30 s, then at ``level`` for 30 s, three times, then 30 s
-    at 50%; the embedder and the reasoner at :data:`SURGE_BACKGROUND` throughout."""
+def _surges(level: float, *, absorbable: bool) -> Callable[[Capacity, float], list[Phase]]:
+    """The surged model's kinds (:meth:`Capacity.surge_model`) at 50% for 30 s, then at
+    ``level`` for 30 s, three times, then 30 s at 50%; the other kinds at their background
+    throughout."""
 
     def phases(cap: Capacity, scale: float) -> list[Phase]:
-        bg = SURGE_BACKGROUND
-        calm, surge = _coder(0.5), _coder(level)
+        model = cap.surge_model(level, absorbable=absorbable)
+        surged = set(cap.groups()[model])
+        full = cap.surge_loads(model, level)
+        bg = {k: v for k, v in full.items() if k not in surged}
+        calm = {k: v / level * 0.5 for k, v in full.items() if k in surged}
+        surge = {k: v for k, v in full.items() if k in surged}
         out = [Phase(0.0, 210.0 * scale, bg, over=calm)]
         for c in range(3):
             t = 60.0 * c
@@ -387,9 +440,11 @@ def _surges(level: float) -> Callable[[Capacity, float], list[Phase]]:
     return phases
 
 
-def surge_loads(level: float = SURGE) -> dict[Kind, float]:
-    """Per-kind loads during a surge at ``level``."""
-    return {**SURGE_BACKGROUND, **_coder(level)}
+def surge_loads(fleet: Fleet, level: float = SURGE) -> dict[Kind, float]:
+    """Per-kind loads during the ``surge`` scenario's surges (``level=OVERWHELM``: the
+    ``overwhelm`` scenario's) on ``fleet``."""
+    cap = Capacity(fleet)
+    return cap.surge_loads(cap.surge_model(level, absorbable=level < OVERWHELM), level)
 
 
 def _drift(cap: Capacity, scale: float) -> list[Phase]:
@@ -454,9 +509,15 @@ SCENARIOS: Mapping[str, Scenario] = {
         Scenario("steady", "every model at 75% load", _steady(0.75, 180.0)),
         Scenario("bursty", "45% background, 4 s code storms at +150% every 20 s", _bursty),
         Scenario(
-            "surge", "coder's kinds at 120% for 30 s in every 60 s (absorbable)", _surges(SURGE)
+            "surge",
+            "one model's kinds at 120% for 30 s in every 60 s (absorbable)",
+            _surges(SURGE, absorbable=True),
         ),
-        Scenario("overwhelm", "coder's kinds at 200% for 30 s in every 60 s", _surges(OVERWHELM)),
+        Scenario(
+            "overwhelm",
+            "the model least able to shed load at 200% for 30 s in every 60 s",
+            _surges(OVERWHELM, absorbable=False),
+        ),
         Scenario(
             "fanout",
             "agent sessions: plan, 8 code + 4 embed at once, summary",
