@@ -18,6 +18,13 @@ contender, one model file and one llama.cpp thread each, all in this process:
 * ``llama-server -np N`` (optional): llama.cpp's own server with N slots, over HTTP, when a
   binary is on ``PATH`` or given with ``--llama-server``; skipped otherwise.
 
+Only one contender holds a llama.cpp thread at a time: each zeta run gets a fresh scheduler
+(closed after it) and each bare-loop run a thread of its own that ends with it. llama.cpp's
+OpenMP runtime (libgomp) counts the worker threads of every thread that ever decoded and, when
+they outnumber the CPUs, stops spinning between the threads' barriers: on a 2-core machine two
+idle contexts' thread pools in the process slow a third by a quarter to a third. llama-server,
+in a process of its own, never paid that; the in-process contenders must not either.
+
 Rounds interleave: every round runs every contender at every level, in an order rotated per
 round, so drift on a shared machine hits all of them alike. Each round uses fresh prompts, so no
 contender finds the last round's prompts in its cache. Reported per level: generated tokens per
@@ -42,6 +49,7 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -253,6 +261,26 @@ class LlamaServer:
         self.log.close()
 
 
+def alone(fn: Callable[..., Run], *args: Any) -> Run:
+    """``fn(*args)`` on a thread of its own that ends with it (see the module docstring: its
+    llama.cpp threads end with it too)."""
+    out: list[Run] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="bench-bare-loop")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
 def find_llama_server(given: str | None) -> str | None:
     if given:
         return given if os.access(given, os.X_OK) else None
@@ -321,15 +349,6 @@ async def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if server_binary is None:
         skipped[SERVER] = f"no binary ({args.llama_server or 'llama-server not on PATH'})"
     async with contextlib.AsyncExitStack() as stack:
-        schedulers: dict[int, Scheduler] = {}
-
-        async def scheduler(slots: int) -> Scheduler:
-            if slots not in schedulers:
-                zs = Scheduler(models=[spec(slots)], policy="dynamic", seed=args.seed)
-                schedulers[slots] = await stack.enter_async_context(zs)
-                await zs.complete("warm up", kind=Kind.CODE, max_tokens=2)
-            return schedulers[slots]
-
         bare = BareLoop(spec(top), top)
         stack.callback(bare.close)
         servers: dict[int, LlamaServer] = {}
@@ -349,12 +368,12 @@ async def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         async def run_contender(contender: str, n: int, work: list[list[str]]) -> Run | None:
             tokens = args.tokens
             if contender == ZETA:
-                zs = await scheduler(n if args.slots == "in-flight" else int(args.slots))
+                slots = n if args.slots == "in-flight" else int(args.slots)
             elif contender == SINGLE:
-                zs = await scheduler(1)
+                slots = 1
             elif contender == BARE:
                 ids = [[bare.tokenize(p) for p in mine] for mine in work]
-                return await anyio.to_thread.run_sync(bare.run, ids, tokens)
+                return await anyio.to_thread.run_sync(alone, bare.run, ids, tokens)
             else:
                 srv = server(n)
                 if srv is None:
@@ -365,11 +384,16 @@ async def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
                 return await drive(via_http, work)
 
-            async def via_zeta(prompt: str) -> int:
-                result = await zs.complete(prompt, kind=Kind.CODE, max_tokens=tokens)
-                return result.completion_tokens
+            # A fresh scheduler per run: its worker thread (and llama.cpp's threads with it) ends
+            # when it closes, before the next contender runs.
+            async with Scheduler(models=[spec(slots)], policy="dynamic", seed=args.seed) as zs:
+                await zs.complete("warm up", kind=Kind.CODE, max_tokens=2)
 
-            return await drive(via_zeta, work)
+                async def via_zeta(prompt: str) -> int:
+                    result = await zs.complete(prompt, kind=Kind.CODE, max_tokens=tokens)
+                    return result.completion_tokens
+
+                return await drive(via_zeta, work)
 
         contenders = [ZETA, SINGLE, BARE, SERVER]
         for r in range(args.rounds):
