@@ -18,37 +18,68 @@ import zeta.cli._demo
 from zeta import Kind, Outcome, Priority
 from zeta._types import Scoring
 from zeta.cli import main
-from zeta.cli._demo import DemoMetrics, DemoOptions, build_workload, policy_report, run_demo
+from zeta.cli._demo import (
+    CODE_TOKENS,
+    REASON_TOKENS,
+    SIMPLE_TOKENS,
+    DemoMetrics,
+    DemoOptions,
+    ModelSpeed,
+    build_workload,
+    phase_length,
+    phase_rates,
+    policy_report,
+    run_demo,
+)
 from zeta.telemetry import serve_metrics
 from zeta.telemetry._logging import _ZetaHandler
 from zeta.testing._replay import RequestRecord, summarize
 
+CODER, REASONER = ModelSpeed(0.0035, 0.0012), ModelSpeed(0.014, 0.005)
 
-def test_workload_is_deterministic_and_has_surges() -> None:
-    a = build_workload(20.0, 0.0035, 0.014, seed=1)
-    assert a == build_workload(20.0, 0.0035, 0.014, seed=1)
-    assert a != build_workload(20.0, 0.0035, 0.014, seed=2)
+
+def test_workload_is_deterministic_with_a_calm_phase_then_a_surge() -> None:
+    a = build_workload(10.0, CODER, REASONER, seed=1)
+    assert a == build_workload(10.0, CODER, REASONER, seed=1)
+    assert a != build_workload(10.0, CODER, REASONER, seed=2)
     assert [j.at for j in a] == sorted(j.at for j in a)
     assert all(0.0 <= j.at < 20.0 for j in a)
-    kinds = {j.kind for j in a}
-    assert kinds == {Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON}
-    # surges alternate: a burst of code on the coder, then one of planning on the reasoner
-    surge = [j for j in a if j.surge]
-    assert {j.kind for j in surge} == {Kind.CODE, Kind.REASON}
-    assert surge[0].kind is Kind.CODE
-    steady_code = [j for j in a if j.kind is Kind.CODE and not j.surge]
-    assert sum(j.kind is Kind.CODE for j in surge) > len(steady_code) / 2
+    assert all(j.surge == (j.at >= 10.0) for j in a)
+    for phase in ([j for j in a if not j.surge], [j for j in a if j.surge]):
+        assert {j.kind for j in phase} == {Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON}
+
+    # The surge is reasoning: three times the calm rate, while the coder's kinds drop.
+    def count(kind: Kind, surge: bool) -> int:
+        return sum(j.kind is kind and j.surge == surge for j in a)
+
+    assert count(Kind.REASON, True) > 2 * count(Kind.REASON, False)
+    coder = (Kind.SIMPLE, Kind.CODE)
+    assert sum(count(k, True) for k in coder) < sum(count(k, False) for k in coder)
     assert all(0.0 < (j.difficulty or 0) < 1.0 for j in a if j.kind is Kind.REASON)
     assert all(j.texts and not j.prompt for j in a if j.kind is Kind.EMBED)
 
 
-def test_slower_models_get_proportionally_fewer_requests() -> None:
-    fast = build_workload(30.0, 0.002, 0.008, seed=0)
-    slow = build_workload(30.0, 0.008, 0.032, seed=0)
-    generated = (Kind.SIMPLE, Kind.CODE, Kind.REASON)
-    n_fast = sum(j.kind in generated for j in fast)
-    n_slow = sum(j.kind in generated for j in slow)
-    assert 2.5 < n_fast / n_slow < 6
+def test_rates_follow_the_measured_capacity() -> None:
+    rates = phase_rates(CODER, REASONER)
+    # calm: half of each model's capacity (tokens at full occupancy); surge: 150% of the
+    # reasoner's and 30% of the coder's.
+    coder_busy = sum(
+        rates["calm"][k] * n * CODER.full_s
+        for k, n in ((Kind.SIMPLE, SIMPLE_TOKENS), (Kind.CODE, CODE_TOKENS))
+    )
+    assert coder_busy == pytest.approx(0.5)
+    assert rates["calm"][Kind.REASON] * REASON_TOKENS * REASONER.full_s == pytest.approx(0.5)
+    assert rates["surge"][Kind.REASON] * REASON_TOKENS * REASONER.full_s == pytest.approx(1.5)
+    slow = phase_rates(ModelSpeed(0.007, 0.0024), ModelSpeed(0.028, 0.01))
+    assert slow["surge"][Kind.REASON] == pytest.approx(rates["surge"][Kind.REASON] / 2)
+    # Phases long enough for 200 requests each over two rounds (expected: 200 + 3 sigma).
+    length = phase_length(rates, 200, 2)
+    assert min(sum(r.values()) for r in rates.values()) * length * 2 == pytest.approx(242.4, 0.01)
+    for seed in range(0, 20, 2):
+        work = build_workload(length, CODER, REASONER, seed=seed) + build_workload(
+            length, CODER, REASONER, seed=seed + 1
+        )
+        assert sum(not j.surge for j in work) >= 200 and sum(j.surge for j in work) >= 200
 
 
 def test_policy_report_of_a_summary() -> None:
@@ -94,6 +125,20 @@ def _check_report(report: dict[str, Any]) -> None:
                 assert 0 < kind["p50_s"] <= kind["p95_s"] <= kind["p99_s"]
     # static never spills: each kind goes to the model that prefers it
     assert report["policies"]["static"]["spilled_share"] == 0.0
+    # Each phase holds its share of every policy's requests, the same workload for each.
+    assert list(report["phases"]) == ["calm", "surge"]
+    for policy, run in report["policies"].items():
+        total = sum(k["requests"] for k in run["kinds"].values())
+        phases = [report["phases"][phase][policy] for phase in ("calm", "surge")]
+        assert sum(p["requests"] for p in phases) == total
+        for p in phases:
+            assert p["requests"] == sum(k["requests"] for k in p["kinds"].values())
+            assert p["failed"] == 0
+            if p["ok"]:
+                assert 0 < p["p50_s"] <= p["p95_s"] <= p["p99_s"]
+    for phase in report["phases"].values():
+        assert phase["static"]["requests"] == phase["dynamic"]["requests"]
+        assert phase["static"]["spilled_share"] == 0.0
 
 
 def _scrape(url: str) -> str:

@@ -1,16 +1,28 @@
-"""``zeta demo``: a bursty agent workload on three real llama.cpp models, static vs dynamic.
+"""``zeta demo``: a calm phase and a surge on three real llama.cpp models, static vs dynamic.
 
 The demo generates (or finds cached) the model ladder's embedder, coder and reasoner, measures
-how fast this machine runs them, and derives one seeded, open-loop workload from that: a steady
-mix of chat, code, embedding and reasoning requests, plus surges that queue several seconds of
-work on one model: alternately a burst of code requests on the coder and a burst of planning
-requests on the reasoner. The same workload is then replayed (:func:`zeta.testing.replay`)
-against a fresh :class:`~zeta.Scheduler` per policy, in rounds that alternate the order (A B,
-B A) so that a change in the machine's background load does not favour one policy. Under
-``static`` each kind waits for its own model however long its queue; under ``dynamic`` the
-scoring kernel moves work to the other model while that is expected to finish sooner. The report
-(:func:`zeta.testing.summarize` of every round together) gives p50/p95/p99 latency per kind,
-throughput and the share of requests served by a model that does not prefer their kind.
+how fast this machine runs them (side by side, as they run in the demo: one sequence alone and
+every slot busy), and derives one seeded, open-loop workload per round from that, in two
+phases of equal length:
+
+* **calm**: the coder's kinds (chat and code) and reasoning each at half of their model's
+  capacity, embeddings throughout. Nothing is overloaded; routing should cost nothing here.
+* **surge**: planning (reasoning) requests at :data:`SURGE_LOAD` times the reasoner's capacity,
+  the coder's kinds at :data:`SURGE_CODER_LOAD` of its own. The reasoner alone cannot keep up,
+  but the coder can serve reasoning, at a fraction of the reasoner's cost: the surge is
+  absorbable, the case zeta is for. (A surge of code cannot be absorbed on a small CPU host:
+  the reasoner would serve code at several times the coder's cost and slow the coder beside it;
+  ``python -m bench policies`` has both.)
+
+Each phase gets at least :attr:`DemoOptions.phase_requests` requests per policy (200 by default,
+enough for a p99 that is not one unlucky request), which on the 2-core reference machine takes
+about a minute in all. The same workload is replayed (:func:`zeta.testing.replay`) against a
+fresh :class:`~zeta.Scheduler` per policy, in rounds that alternate the order (A B, B A) so
+that a change in the machine's background load does not favour one policy. Under ``static``
+each kind waits for its own model however long its queue; under ``dynamic`` the scoring kernel
+moves work to the other model while that is expected to finish sooner. The report gives, per
+phase, p50/p95/p99 latency overall and per kind, and the share of requests served by a model
+that does not prefer their kind, per policy.
 
 Arrival times are fixed in advance (open loop), so a slow policy cannot slow the arrivals down
 and hide its own queueing; latency runs from a request's scheduled arrival to its answer.
@@ -28,7 +40,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -57,23 +69,24 @@ __all__ = [
     "DemoArrival", "DemoMetrics", "DemoOptions", "build_workload", "policy_report", "run_demo",
 ]  # fmt: skip
 
-# Workload shape, in shares of one model's time (utilisation) and tokens per request. Steady
-# traffic keeps the coder 20% and the reasoner 15% busy. Every SURGE_PERIOD_S a surge
-# arrives, alternately a burst of code requests worth CODE_SURGE_S of coder time (a fleet of
-# agents hitting the edit step at once) and a burst of planning requests worth REASON_SURGE_S
-# of reasoner time. Each overloads one model for a few seconds while the other has room. On two
-# cores (three model threads) that leaves headroom to move work without oversubscribing the
-# CPU, so what the comparison shows is routing, not thrashing.
+# Workload shape. Loads are shares of a model's capacity: the requests per second it serves
+# with every slot busy, as measured side by side on this machine (:func:`measure_models`).
 SIMPLE_TOKENS, CODE_TOKENS, REASON_TOKENS = 24, 48, 48
 EMBED_TEXTS = 4
-CODER_SIMPLE_UTIL, CODER_CODE_UTIL, REASONER_UTIL = 0.08, 0.12, 0.15
+#: Share of the coder's load that is chat (``simple``); the rest is code.
+SIMPLE_SHARE = 0.4
+#: Calm: the coder's kinds and reasoning each at this share of their model's capacity.
+CALM_LOAD = 0.5
+#: Surge: reasoning at SURGE_LOAD of the reasoner's capacity (its queue grows by half its
+#: capacity every second under static rules), the coder's kinds at SURGE_CODER_LOAD of the
+#: coder's, which leaves the coder room for the excess.
+SURGE_LOAD, SURGE_CODER_LOAD = 1.5, 0.3
 EMBED_RATE_PER_S = 1.5
-CODE_SURGE_S, REASON_SURGE_S = 2.5, 3.0
-SURGE_PERIOD_S = 6.0
-SURGE_SPREAD_S = 0.4
+#: Phases, in order.
+PHASES = ("calm", "surge")
 
-# Caps that only bind on very fast models (the tiny test rungs), keeping a run light there.
-MAX_RATE_PER_S, MAX_SURGE = 20.0, 40
+# A cap that only binds on very fast models (the tiny test rungs), keeping a run light there.
+MAX_RATE_PER_S = 20.0
 
 _WORDS = (
     "the model request value data function return class import async await list dict "
@@ -94,8 +107,11 @@ class DemoOptions:
     """What ``zeta demo`` runs.
 
     Args:
-        duration_s: wall time of the whole workload, split evenly between the policies and
-            the rounds.
+        duration_s: wall time of the whole workload, split evenly between the policies, the
+            rounds and the two phases; by default (``None``) as long as ``phase_requests``
+            needs.
+        phase_requests: requests each policy should get in each phase, over all rounds (the
+            expected count at the measured rates; used when ``duration_s`` is ``None``).
         seed: seeds the workload (and nothing else: the models are the ladder's seed 0).
         policies: policies to compare, each on a fresh scheduler and the same workload.
         live: show the live progress display (only on a terminal).
@@ -109,7 +125,8 @@ class DemoOptions:
             for all policies (default the library's, so the demo shows what users get).
     """
 
-    duration_s: float = 40.0
+    duration_s: float | None = None
+    phase_requests: int = 200
     seed: int = 0
     policies: tuple[str, ...] = ("static", "dynamic")
     live: bool = True
@@ -124,8 +141,8 @@ class DemoOptions:
 @dataclass(frozen=True, slots=True)
 class DemoArrival(Arrival):
     """An arrival of the demo's workload: an :class:`Arrival` that may carry a batch of texts to
-    embed (then ``prompt`` is empty) or a completion's difficulty, and whether it is part of a
-    surge."""
+    embed (then ``prompt`` is empty) or a completion's difficulty, and whether it arrives in the
+    surge phase."""
 
     texts: tuple[str, ...] = ()
     difficulty: float | None = None
@@ -211,24 +228,46 @@ def demo_models(options: DemoOptions) -> list[ModelSpec]:
     ]
 
 
-def measure_token_times(specs: Sequence[ModelSpec], tokens: int = 32) -> dict[str, float]:
-    """Seconds per generated token of each model on this machine, all running at once.
+@dataclass(frozen=True, slots=True)
+class ModelSpeed:
+    """Seconds per generated token of one model, measured side by side with the others:
+    ``alone_s`` with one sequence, ``full_s`` with every slot busy (the batch's step time over
+    its sequences: the cost of a token at full occupancy)."""
+
+    alone_s: float
+    full_s: float
+
+    def capacity(self, tokens: int) -> float:
+        """Requests of ``tokens`` tokens per second with every slot busy."""
+        return 1.0 / (tokens * self.full_s)
+
+
+def measure_models(specs: Sequence[ModelSpec], tokens: int = 32) -> dict[str, ModelSpeed]:
+    """How fast each model generates on this machine, all running at once.
 
     The models run side by side during the demo, sharing cores and memory bandwidth, so they are
-    timed side by side too: each in its own thread, best of three completions.
+    timed side by side too: each in its own thread, best of two runs of one completion alone
+    and of ``slots`` completions decoded together.
     """
-    backends = [
-        get_backend(s.backend)(ModelSpec(s.name, path=s.path, n_ctx=256, n_threads=s.n_threads), 0)
-        for s in specs
-    ]
-    times: dict[str, float] = {}
+    backends = [get_backend(s.backend)(replace(s, n_ctx=256), 0) for s in specs]
+    speeds: dict[str, ModelSpeed] = {}
 
     def measure(backend: Any) -> None:
-        best = math.inf
-        for i in range(3):
+        alone = full = math.inf
+        for i in range(2):
             c = backend.complete(CompletionParams(f"calibration run {i}", max_tokens=tokens))
-            best = min(best, (c.service_s - c.first_token_s) / max(c.completion_tokens - 1, 1))
-        times[backend.spec.name] = best
+            alone = min(alone, (c.service_s - c.first_token_s) / max(c.completion_tokens - 1, 1))
+            slots = backend.spec.slots
+            for seq in range(slots):
+                params = CompletionParams(f"calibration run {i}.{seq}", max_tokens=tokens)
+                backend.admit(seq, params, None)
+            t0, generated, left = time.perf_counter(), 0, slots
+            while left:
+                for _, c in backend.step():
+                    generated += c.completion_tokens
+                    left -= 1
+            full = min(full, (time.perf_counter() - t0) / max(generated, 1))
+        speeds[backend.spec.name] = ModelSpeed(alone, full)
 
     try:
         threads = [threading.Thread(target=measure, args=(b,)) for b in backends]
@@ -239,7 +278,10 @@ def measure_token_times(specs: Sequence[ModelSpec], tokens: int = 32) -> dict[st
     finally:
         for b in backends:
             b.close()
-    return times
+    missing = [s.name for s in specs if s.name not in speeds]
+    if missing:
+        raise RuntimeError(f"could not measure {', '.join(missing)} (see the log)")
+    return speeds
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,73 +292,68 @@ def _text(rng: random.Random, n_words: int, lead: str = "") -> str:
     return lead + " ".join(rng.choice(_WORDS) for _ in range(n_words))
 
 
-def build_workload(
-    duration_s: float, coder_token_s: float, reasoner_token_s: float, seed: int
-) -> list[DemoArrival]:
-    """The open-loop arrivals of one run, sized to this machine's measured token times.
+def phase_rates(coder: ModelSpeed, reasoner: ModelSpeed) -> dict[str, dict[Kind, float]]:
+    """Arrival rates per phase and kind (requests per second) for models of these speeds."""
+    code_cap = coder.capacity(CODE_TOKENS)
+    simple_cap = coder.capacity(SIMPLE_TOKENS)
+    reason_cap = reasoner.capacity(REASON_TOKENS)
 
-    Steady Poisson arrivals per kind at the utilisations above, plus a surge every
-    :data:`SURGE_PERIOD_S` from 15% to 80% of the run, alternately code (worth
-    :data:`CODE_SURGE_S` of coder time) and reasoning (:data:`REASON_SURGE_S` of reasoner
-    time). Sorted by time; deterministic for its arguments.
+    def rates(coder_load: float, reason_load: float) -> dict[Kind, float]:
+        out = {
+            Kind.SIMPLE: SIMPLE_SHARE * coder_load * simple_cap,
+            Kind.CODE: (1.0 - SIMPLE_SHARE) * coder_load * code_cap,
+            Kind.REASON: reason_load * reason_cap,
+            Kind.EMBED: EMBED_RATE_PER_S,
+        }
+        return {k: min(v, MAX_RATE_PER_S) for k, v in out.items()}
+
+    return {"calm": rates(CALM_LOAD, CALM_LOAD), "surge": rates(SURGE_CODER_LOAD, SURGE_LOAD)}
+
+
+def build_workload(
+    phase_s: float, coder: ModelSpeed, reasoner: ModelSpeed, seed: int
+) -> list[DemoArrival]:
+    """The open-loop arrivals of one round: ``phase_s`` seconds of calm, then ``phase_s`` of
+    surge (:func:`phase_rates`), Poisson per kind. Sorted by time; deterministic for its
+    arguments.
     """
     rng = random.Random(seed)
     arrivals: list[DemoArrival] = []
     system = "You are a coding agent. Use the tools. "
-
-    def poisson(rate: float, make: Callable[[float], DemoArrival]) -> None:
-        rate = min(rate, MAX_RATE_PER_S)
-        t = rng.expovariate(rate) if rate > 0 else math.inf
-        while t < duration_s:
-            arrivals.append(make(t))
-            t += rng.expovariate(rate)
-
-    simple_rate = CODER_SIMPLE_UTIL / (SIMPLE_TOKENS * coder_token_s)
-    code_rate = CODER_CODE_UTIL / (CODE_TOKENS * coder_token_s)
-    reason_rate = REASONER_UTIL / (REASON_TOKENS * reasoner_token_s)
-    poisson(
-        simple_rate,
-        lambda t: DemoArrival(t, Kind.SIMPLE, _text(rng, 8, "hi, "), SIMPLE_TOKENS),
-    )
-    poisson(
-        code_rate,
-        lambda t: DemoArrival(t, Kind.CODE, _text(rng, 24, system + "def "), CODE_TOKENS),
-    )
-    poisson(
-        reason_rate,
-        lambda t: DemoArrival(
-            t,
-            Kind.REASON,
-            _text(rng, 24, "think step by step: "),
-            REASON_TOKENS,
-            difficulty=rng.uniform(0.3, 0.9),
-        ),
-    )
-    poisson(
-        EMBED_RATE_PER_S,
-        lambda t: DemoArrival(
-            t, Kind.EMBED, "", 0, texts=tuple(_text(rng, 12) for _ in range(EMBED_TEXTS))
-        ),
-    )
-    surges = (
-        (Kind.CODE, CODE_SURGE_S / (CODE_TOKENS * coder_token_s), "fix this: def ", CODE_TOKENS),
-        (Kind.REASON, REASON_SURGE_S / (REASON_TOKENS * reasoner_token_s), "plan: ", REASON_TOKENS),
-    )
-    start, n = duration_s * 0.15, 0
-    while start < duration_s * 0.8:
-        kind, size, lead, tokens = surges[n % 2]
-        for _ in range(min(MAX_SURGE, max(2, round(size)))):
-            at = start + rng.uniform(0.0, SURGE_SPREAD_S)
-            # Planning steps in a burst are short hops: easier than standalone reasoning.
-            difficulty = rng.uniform(0.1, 0.5) if kind is Kind.REASON else None
-            prompt = _text(rng, 24, system + lead)
-            arrivals.append(
-                DemoArrival(at, kind, prompt, tokens, surge=True, difficulty=difficulty)
-            )
-        start += SURGE_PERIOD_S
-        n += 1
+    for n, (phase, rates) in enumerate(phase_rates(coder, reasoner).items()):
+        start, end = n * phase_s, (n + 1) * phase_s
+        surge = phase == "surge"
+        for kind, rate in rates.items():
+            t = start + rng.expovariate(rate) if rate > 0 else math.inf
+            while t < end:
+                arrivals.append(_arrival(rng, t, kind, system, surge))
+                t += rng.expovariate(rate)
     arrivals.sort(key=lambda a: a.at)
     return arrivals
+
+
+def _arrival(rng: random.Random, t: float, kind: Kind, system: str, surge: bool) -> DemoArrival:
+    if kind is Kind.EMBED:
+        texts = tuple(_text(rng, 12) for _ in range(EMBED_TEXTS))
+        return DemoArrival(t, kind, "", 0, texts=texts, surge=surge)
+    if kind is Kind.SIMPLE:
+        return DemoArrival(t, kind, _text(rng, 8, "hi, "), SIMPLE_TOKENS, surge=surge)
+    if kind is Kind.CODE:
+        return DemoArrival(t, kind, _text(rng, 24, system + "def "), CODE_TOKENS, surge=surge)
+    # Planning steps in a surge are short hops: easier than standalone reasoning.
+    lead, difficulty = ("plan: ", rng.uniform(0.1, 0.5)) if surge else ("think: ", None)
+    if difficulty is None:
+        difficulty = rng.uniform(0.3, 0.9)
+    prompt = _text(rng, 24, system + lead)
+    return DemoArrival(t, kind, prompt, REASON_TOKENS, difficulty=difficulty, surge=surge)
+
+
+def phase_length(rates: Mapping[str, Mapping[Kind, float]], requests: int, rounds: int) -> float:
+    """Seconds per phase per round for at least ``requests`` arrivals in every phase over
+    ``rounds`` rounds: the expected count is three standard deviations of a Poisson count above
+    ``requests``, so a seed falls short about once in a thousand."""
+    slowest = min(sum(r.values()) for r in rates.values())
+    return (requests + 3.0 * math.sqrt(requests)) / (rounds * slowest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +454,19 @@ def policy_report(summary: ReplaySummary, busy_s: Mapping[str, float]) -> dict[s
     }
 
 
+def phase_report(summary: ReplaySummary) -> dict[str, Any]:
+    """One policy's part of one phase (JSON-ready): requests, p50/p95/p99 latency overall and
+    per kind (``None`` where none succeeded), the spilled share, and failed requests."""
+    d = summary.to_dict()
+    keys = ("requests", "ok", "p50_s", "p95_s", "p99_s")
+    return {
+        **{key: d["latency"][key] for key in keys},
+        "kinds": {kind: {key: stats[key] for key in keys} for kind, stats in d["by_kind"].items()},
+        "spilled_share": d["spilled_share"],
+        "failed": summary.failed,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Display.
 
@@ -456,7 +506,8 @@ def _live_view(live: _Live) -> Any:
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:
-    """The per-model table and the side-by-side of the policies."""
+    """The per-model table, the side-by-side of the policies over the whole run, and one table
+    per phase with the headline ratio."""
     from rich.table import Table
 
     policies = list(report["policies"])
@@ -498,6 +549,31 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         side.add_row(label, "", *(fmt(report["policies"][p]) for p in policies))
     console.print(side)
 
+    for phase, runs in report["phases"].items():
+        table = Table(title=f"{phase} phase: latency (ms)", title_justify="left")
+        table.add_column("kind")
+        for policy in policies:
+            table.add_column(f"{policy}\nn  p50 / p95 / p99", justify="right")
+        for row in ("all", *(k.value for k in SERVED_KINDS)):
+            cells = []
+            for policy in policies:
+                c = runs[policy] if row == "all" else runs[policy]["kinds"][row]
+                cells.append(
+                    f"{c['requests']}  {_ms(c['p50_s'])} / {_ms(c['p95_s'])} / {_ms(c['p99_s'])}"
+                )
+            table.add_row(row, *cells)
+        table.add_section()
+        table.add_row("spilled", *(f"{runs[p]['spilled_share']:.1%}" for p in policies))
+        console.print(table)
+    if {"static", "dynamic"} <= set(policies):
+        parts = []
+        for phase, runs in report["phases"].items():
+            st, dy = runs["static"], runs["dynamic"]
+            for q in ("p50_s", "p99_s"):
+                if st[q] and dy[q] is not None:
+                    parts.append(f"{phase} {q[:3]} {dy[q] / st[q]:.2f}x")
+        console.print("dynamic vs static: " + ", ".join(parts))
+
 
 # --------------------------------------------------------------------------------------------
 # Entry point.
@@ -514,25 +590,38 @@ def run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> dic
     from rich.console import Console
 
     console = Console()
-    if not options.policies or options.duration_s <= 0:
-        raise ValueError("the demo needs at least one policy and a positive duration")
+    if not options.policies:
+        raise ValueError("the demo needs at least one policy")
+    if options.duration_s is not None and not options.duration_s > 0:
+        raise ValueError(f"duration_s must be positive, got {options.duration_s!r}")
+    if options.phase_requests < 1:
+        raise ValueError(f"phase_requests must be at least 1, got {options.phase_requests!r}")
     with console.status("preparing models (generated on first run)..."):
         specs = demo_models(options)
         by_name = {s.name: s for s in specs}
-        measured = measure_token_times([by_name["coder"], by_name["reasoner"]])
-        coder_s, reasoner_s = measured["coder"], measured["reasoner"]
+        speeds = measure_models([by_name["coder"], by_name["reasoner"]])
+        coder, reasoner = speeds["coder"], speeds["reasoner"]
     rounds = max(1, options.rounds)
-    segment_s = options.duration_s / (len(options.policies) * rounds)
-    workloads = [
-        build_workload(segment_s, coder_s, reasoner_s, options.seed + r) for r in range(rounds)
-    ]
+    n_policies = len(options.policies)
+    rates = phase_rates(coder, reasoner)
+    if options.duration_s is None:
+        phase_s = phase_length(rates, options.phase_requests, rounds)
+    else:
+        phase_s = options.duration_s / (len(PHASES) * n_policies * rounds)
+    segment_s = len(PHASES) * phase_s
+    workloads = [build_workload(phase_s, coder, reasoner, options.seed + r) for r in range(rounds)]
     n_arrivals = sum(len(w) for w in workloads)
     n_surge = sum(a.surge for w in workloads for a in w)
     grace_s = max(5.0, segment_s)
     console.print(
-        f"zeta demo: {n_arrivals} requests ({n_surge} in surges) per policy, in {rounds} rounds "
-        f"of {segment_s:.0f}s\nmeasured side by side: coder {coder_s * 1e3:.1f} ms/token, "
-        f"reasoner {reasoner_s * 1e3:.1f} ms/token"
+        f"zeta demo: {n_arrivals} requests per policy ({n_arrivals - n_surge} calm, {n_surge} "
+        f"in the surge) in {rounds} rounds of {phase_s:.1f}s calm + {phase_s:.1f}s surge, "
+        f"about {segment_s * rounds * n_policies:.0f}s in all\n"
+        f"measured side by side, ms per token alone / at full occupancy (step / slots): "
+        f"coder {coder.alone_s * 1e3:.1f} / {coder.full_s * 1e3:.1f}, "
+        f"reasoner {reasoner.alone_s * 1e3:.1f} / {reasoner.full_s * 1e3:.1f}\n"
+        f"surge: reasoning at {SURGE_LOAD:.0%} of the reasoner's capacity, the coder's kinds at "
+        f"{SURGE_CODER_LOAD:.0%} of the coder's"
     )
     records: dict[str, list[RequestRecord]] = {p: [] for p in options.policies}
     elapsed: dict[str, float] = dict.fromkeys(options.policies, 0.0)
@@ -549,11 +638,24 @@ def run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> dic
             elapsed[policy] += result.elapsed_s
             for name, seconds in busy_s.items():
                 busy[policy][name] += seconds
+    phases: dict[str, dict[str, Any]] = {}
+    for n, phase in enumerate(PHASES):
+        lo, hi = n * phase_s, (n + 1) * phase_s
+        phases[phase] = {
+            p: phase_report(summarize([x for x in records[p] if lo <= x.at < hi], rounds * phase_s))
+            for p in options.policies
+        }
     report: dict[str, Any] = {
-        "duration_s": options.duration_s,
+        "duration_s": segment_s * rounds * n_policies,
+        "phase_s": phase_s,
         "seed": options.seed,
         "rounds": rounds,
-        "ms_per_token": {"coder": coder_s * 1e3, "reasoner": reasoner_s * 1e3},
+        "ms_per_token": {
+            name: {"alone": v.alone_s * 1e3, "full": v.full_s * 1e3} for name, v in speeds.items()
+        },
+        "rates_per_s": {
+            phase: {k.value: v for k, v in by_kind.items()} for phase, by_kind in rates.items()
+        },
         "workload": {
             "requests": n_arrivals,
             "surge_requests": n_surge,
@@ -564,6 +666,7 @@ def run_demo(options: DemoOptions, *, metrics: DemoMetrics | None = None) -> dic
         "policies": {
             p: policy_report(summarize(records[p], elapsed[p]), busy[p]) for p in options.policies
         },
+        "phases": phases,
     }
     if options.print_report:
         print_report(report, console)

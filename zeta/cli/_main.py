@@ -216,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a bursty agent workload on three generated models, static vs dynamic routing",
     )
-    demo.add_argument("--duration", type=float, default=40.0, help="seconds in all (default 40)")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds in all (default: as long as 200 requests per phase and policy take)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="workload and model seed (default 0)")
     demo.add_argument(
         "--policies", default="static,dynamic", help="policies to compare (default static,dynamic)"
