@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from zeta import ConfigError, Kind, ModelSpec, Supervision, _scoring_py
 from zeta._types import (
     MAX_CO_SLOW,
+    MAX_STEP_SLOPE,
     MODEL_INT_RANGES,
     SCORING_FIELDS,
     Scoring,
@@ -201,6 +202,7 @@ def test_scoring_defaults_include_the_harm_terms() -> None:
     assert SCORING_FIELDS[-2:] == ("harm_weight", "co_slow")
     # co_slow's bound is the kernel's (both kernels export the same one).
     assert MAX_CO_SLOW == _scoring_py.MAX_CO_SLOW
+    assert MAX_STEP_SLOPE == _scoring_py.MAX_STEP_SLOPE
     assert Scoring(harm_weight=0, co_slow=MAX_CO_SLOW).as_dict()["co_slow"] == 10.0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from ._exceptions import ConfigError
 from ._policies import POLICIES, Candidate, Policy, RouteRequest
 from ._scoring import NO_CANDIDATE, ScoreTable
-from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec, Scoring
+from ._types import KIND_INDEX, SERVED_KINDS, Kind, ModelSpec, Scoring, ServicePrior
 
 __all__ = ["Router", "build_candidates", "check_models", "device_group"]
 
@@ -205,6 +205,31 @@ class Router:
         return min(60.0, max(0.001, best))
 
     # -- parameters -------------------------------------------------------------------------
+    def seed(self, priors: Mapping[str, ServicePrior], now: float) -> None:
+        """Seed each prior's model rows: step slope and co-load first, then one observation of
+        the typical request at one sequence (a new row's first one sets its estimates exactly).
+
+        Raises:
+            ConfigError: a name that is no configured model, or a value that is no ServicePrior.
+        """
+        if not isinstance(priors, Mapping):
+            raise ConfigError(f"must be a mapping, got {type(priors).__name__}", key="priors")
+        table = self.table
+        for name, prior in priors.items():
+            rows = self.rows.get(name) if isinstance(name, str) else None
+            if rows is None:
+                raise ConfigError(f"no configured model is named {name!r}", key="priors")
+            if not isinstance(prior, ServicePrior):
+                raise ConfigError(
+                    f"must be a ServicePrior, got {type(prior).__name__}", key=f"priors.{name}"
+                )
+            for i in rows:
+                if prior.step_slope is not None:
+                    table.set_step_slope(i, prior.step_slope)
+                if prior.co_slow is not None:
+                    table.set_co_slow(i, prior.co_slow)
+                table.observe(i, prior.first_token_s, prior.token_s, now, 1)
+
     def apply(self, changes: Mapping[str, float]) -> Scoring:
         """Validate and apply new values for some :class:`~zeta.Scoring` fields.
 

@@ -213,7 +213,8 @@ class Scheduler:
         )
         self._calibrator = calibrator
         self._samples = SampleLog(settings.max_samples)
-        _seed_priors(router, priors, clock())
+        if priors is not None:
+            router.seed(priors, clock())
         self._ledger = Ledger(self.recorder, clock)
         if calibrator is not None:  # the calibrator's history: each successful request
             self._ledger.samples = self._samples
@@ -579,35 +580,6 @@ class Scheduler:
             raise
         finally:
             self._ledger.record(request, outcome)
-
-
-def _seed_priors(router: Router, priors: Mapping[str, ServicePrior] | None, now: float) -> None:
-    """Seed each prior's model rows in the kernel: step slope and co-load first, then one
-    observation of the typical request at one sequence (a new row's first one sets its
-    estimates exactly).
-
-    Raises:
-        ConfigError: a name that is no configured model, or a value that is no ServicePrior.
-    """
-    if priors is None:
-        return
-    if not isinstance(priors, Mapping):
-        raise ConfigError(f"must be a mapping, got {type(priors).__name__}", key="priors")
-    for name, prior in priors.items():
-        rows = router.rows.get(name) if isinstance(name, str) else None
-        if rows is None:
-            raise ConfigError(f"no configured model is named {name!r}", key="priors")
-        if not isinstance(prior, ServicePrior):
-            raise ConfigError(
-                f"must be a ServicePrior, got {type(prior).__name__}", key=f"priors.{name}"
-            )
-        table = router.table
-        for i in rows:
-            if prior.step_slope is not None:
-                table.set_step_slope(i, prior.step_slope)
-            if prior.co_slow is not None:
-                table.set_co_slow(i, prior.co_slow)
-            table.observe(i, prior.first_token_s, prior.token_s, now, 1)
 
 
 def _kind_of(key: str, value: object, cls: type, *, optional: bool = False) -> None:

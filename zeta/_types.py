@@ -329,7 +329,9 @@ class ServicePrior:
             object.__setattr__(self, key, check_number(getattr(self, key), key, 0.0, 1e6))
         if self.step_slope is not None:
             object.__setattr__(
-                self, "step_slope", check_number(self.step_slope, "step_slope", 0.0, 10.0)
+                self,
+                "step_slope",
+                check_number(self.step_slope, "step_slope", 0.0, MAX_STEP_SLOPE),
             )
         if self.co_slow is not None:
             object.__setattr__(
@@ -344,6 +346,9 @@ MAX_SCORING_VALUE = 1e6
 #: The largest ``co_slow``: each other busy model on a device makes a step 11 times slower. The
 #: scoring kernel's own bound (``zeta._scoring_py.MAX_CO_SLOW``), checked here first.
 MAX_CO_SLOW = 10.0
+#: The largest step slope (a step with ``k`` busy sequences takes ``1 + slope * (k - 1)`` times
+#: one): the scoring kernel's own bound (``zeta._scoring_py.MAX_STEP_SLOPE``), checked here first.
+MAX_STEP_SLOPE = 10.0
 
 #: The tunable parameters, in order: the fields of :class:`Scoring`.
 SCORING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Scoring))

@@ -31,6 +31,7 @@ every policy) and seeds the kernel's rotation and randomised policies.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -42,7 +43,6 @@ import numpy as np
 
 from .._policies import Policy, RouteRequest, make_policy
 from .._router import Router, build_candidates
-from .._scoring_py import MAX_STEP_SLOPE
 from .._types import SERVED_KINDS, Priority, Scoring
 from ._context import Context, Job
 from ._oracle import OraclePolicy
@@ -130,12 +130,11 @@ class _Run:
             devices[d].contexts.append(ctx)
             self.contexts.append(ctx)
             table.set_slots(c.index, model.profile.slots)
-            if priors:
-                p = model.profile
-                step = p.step_s
-                slope = (step[-1] / step[0] - 1.0) / (len(step) - 1) if len(step) > 1 else 0.0
-                table.set_step_slope(c.index, min(max(slope, 0.0), MAX_STEP_SLOPE))
-                table.observe(c.index, p.prefill(PRIOR_PROMPT), step[0], 0.0, 1)
+        if priors:
+            # What Scheduler(priors=fleet.priors()) seeds, but the co-load: here it stays the
+            # scoring parameter's, which the calibrator's replays tune through ``scoring``.
+            seeds = fleet.priors(PRIOR_PROMPT)
+            router.seed({n: dataclasses.replace(p, co_slow=None) for n, p in seeds.items()}, 0.0)
         self.devices = devices
         self.device_of = [devices[ctx.device] for ctx in self.contexts]
         self.peers = [

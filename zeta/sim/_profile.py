@@ -40,6 +40,7 @@ from typing import Any
 from .._exceptions import ConfigError
 from .._types import (
     MAX_CO_SLOW,
+    MAX_STEP_SLOPE,
     SERVED_KINDS,
     Kind,
     ModelSpec,
@@ -286,7 +287,7 @@ class Fleet:
             slope = (step[-1] / step[0] - 1.0) / (len(step) - 1) if len(step) > 1 else 0.0
             co = min(p.coload[1] - 1.0, MAX_CO_SLOW) if len(p.coload) > 1 else None
             out[m.name] = ServicePrior(
-                p.prefill(prompt_tokens), step[0], min(max(slope, 0.0), 10.0), co
+                p.prefill(prompt_tokens), step[0], min(max(slope, 0.0), MAX_STEP_SLOPE), co
             )
         return out
 
