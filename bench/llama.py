@@ -6,7 +6,8 @@
 
 For each ladder model and each level N of requests in flight, N callers each send W requests one
 after another (greedy, exactly T tokens each, seeded prompts of 16 to 40 words) to each
-contender, one model file and one llama.cpp thread each, all in this process:
+contender, the same model file and ``--threads`` llama.cpp threads each, all in this process
+but llama-server:
 
 * ``zeta``: ``Scheduler.complete`` on a context of S slots (default 16; ``--slots in-flight``
   gives S = N), which decodes up to S requests together;
@@ -49,11 +50,11 @@ import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,21 +265,8 @@ class LlamaServer:
 def alone(fn: Callable[..., Run], *args: Any) -> Run:
     """``fn(*args)`` on a thread of its own that ends with it (see the module docstring: its
     llama.cpp threads end with it too)."""
-    out: list[Run] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            out.append(fn(*args))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="bench-bare-loop")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return out[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="bench-bare-loop") as pool:
+        return pool.submit(fn, *args).result()
 
 
 def find_llama_server(given: str | None) -> str | None:

@@ -612,7 +612,7 @@ def sim_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "surged_model": surged,
         "surge": cap.headroom(surge_loads(fleet)),
         "surge_contended": cap.headroom(surge_loads(fleet), contended=True),
-        "overwhelm": cap.headroom(surge_loads(fleet, 2.0)),
+        "overwhelm": cap.headroom(surge_loads(fleet, 2.0, absorbable=False)),
     }
     verdicts = check_targets(agg)
     flagged = beats_oracle(agg)

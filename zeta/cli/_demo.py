@@ -341,9 +341,8 @@ def _arrival(rng: random.Random, t: float, kind: Kind, system: str, surge: bool)
     if kind is Kind.CODE:
         return DemoArrival(t, kind, _text(rng, 24, system + "def "), CODE_TOKENS, surge=surge)
     # Planning steps in a surge are short hops: easier than standalone reasoning.
-    lead, difficulty = ("plan: ", rng.uniform(0.1, 0.5)) if surge else ("think: ", None)
-    if difficulty is None:
-        difficulty = rng.uniform(0.3, 0.9)
+    lead, (low, high) = ("plan: ", (0.1, 0.5)) if surge else ("think: ", (0.3, 0.9))
+    difficulty = rng.uniform(low, high)
     prompt = _text(rng, 24, system + lead)
     return DemoArrival(t, kind, prompt, REASON_TOKENS, difficulty=difficulty, surge=surge)
 

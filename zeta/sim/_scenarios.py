@@ -251,7 +251,7 @@ class Capacity:
 
     def surge_loads(self, model: str, level: float) -> dict[Kind, float]:
         """Per-kind loads while ``model``'s kinds arrive at ``level`` of its capacity: the
-        other kinds at :data:`SURGE_BACKGROUND`."""
+        other kinds at :data:`SURGE_BACKGROUND` (embeddings) or :data:`SURGE_OTHERS`."""
         kinds = self.groups()[model]
         out = {
             k: SURGE_BACKGROUND.get(k, SURGE_OTHERS)
@@ -424,11 +424,10 @@ def _surges(level: float, *, absorbable: bool) -> Callable[[Capacity, float], li
 
     def phases(cap: Capacity, scale: float) -> list[Phase]:
         model = cap.surge_model(level, absorbable=absorbable)
-        surged = set(cap.groups()[model])
-        full = cap.surge_loads(model, level)
-        bg = {k: v for k, v in full.items() if k not in surged}
-        calm = {k: v / level * 0.5 for k, v in full.items() if k in surged}
-        surge = {k: v for k, v in full.items() if k in surged}
+        surged = cap.groups()[model]
+        surge = cap.surge_loads(model, level)
+        bg = {k: surge.pop(k) for k in list(surge) if k not in surged}
+        calm = {k: v for k, v in cap.surge_loads(model, 0.5).items() if k in surged}
         out = [Phase(0.0, 210.0 * scale, bg, over=calm)]
         for c in range(3):
             t = 60.0 * c
@@ -440,11 +439,13 @@ def _surges(level: float, *, absorbable: bool) -> Callable[[Capacity, float], li
     return phases
 
 
-def surge_loads(fleet: Fleet, level: float = SURGE) -> dict[Kind, float]:
-    """Per-kind loads during the ``surge`` scenario's surges (``level=OVERWHELM``: the
-    ``overwhelm`` scenario's) on ``fleet``."""
+def surge_loads(
+    fleet: Fleet, level: float = SURGE, *, absorbable: bool = True
+) -> dict[Kind, float]:
+    """Per-kind loads during the ``surge`` scenario's surges on ``fleet`` (``level=OVERWHELM,
+    absorbable=False``: the ``overwhelm`` scenario's)."""
     cap = Capacity(fleet)
-    return cap.surge_loads(cap.surge_model(level, absorbable=level < OVERWHELM), level)
+    return cap.surge_loads(cap.surge_model(level, absorbable=absorbable), level)
 
 
 def _drift(cap: Capacity, scale: float) -> list[Phase]:
