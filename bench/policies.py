@@ -3,7 +3,8 @@
     python -m bench policies [--seeds N] [--seed S] [--requests N] [--scenarios NAME ...]
                              [--fleet ladder|gpu|FILE.toml] [--priors] [--json] [--plot DIR]
                              [--policies static dynamic dynamic:contention_weight=0 ...]
-    python -m bench policies --real [--seed S] [--duration D] [--scale X] [--backend B] ...
+    python -m bench policies --real [--tiny] [--slots N] [--scenarios calm surge] [--seed S]
+                                    [--duration D] [--rounds R] [--priors] [--json] ...
 
 **Simulator (default).** Every policy (``static``, ``threshold``, ``dynamic``, ``round_robin``,
 ``jsq``, ``p2c``, ``peak_ewma``) and the clairvoyant references run every scenario of
@@ -29,12 +30,15 @@ a flag for any policy that beats the oracle on mean latency, and the simulator's
 (simulated requests per second of wall time). A contender ``NAME:key=value,...`` runs ``NAME``
 with parameters changed (:data:`PARAMS`), for ablations.
 
-**Real time (``--real``).** The earlier path: three simulated-backend models stand in for the
-llama ladder (same kinds, preferences and quality ranks; per-token service times about 4x apart:
-embedder 0.7 ms per prompt token, coder 3.5 ms and reasoner 13 ms per generated token, prompt
-tokens at an eighth of that, 2 ms per call, 10% jitter) behind a real :class:`~zeta.Scheduler`,
-on three workloads of :mod:`zeta.testing._workloads` (steady, bursty, agent fan-out) replayed at
-``--scale`` times real time (figures reported at full size), one seed.
+**The real ladder (``--real``).** Validation on this host: the llama ladder (embedder, coder,
+reasoner; ``--tiny`` the ``*-tiny`` rungs) is measured as ``zeta profile`` does, each scenario's
+seeded trace (``--scenarios``, default calm and surge) is built for that measured fleet and
+scaled to about ``--duration`` seconds at the scenario's own load, and replayed live, open loop,
+on a fresh :class:`~zeta.Scheduler` per contender and round (:func:`zeta.sim._real.replay_real`;
+rounds alternate the contenders' order). It prints p50/p95/p99 over all rounds, the per-round
+ratios to ``static`` (median and range), the spilled share, and what the simulator predicts for
+the same trace on the measured profile; then the issue's real-ladder targets. ``--priors`` seeds
+the schedulers (and the simulator) with the measured profile.
 
 ``--plot DIR`` writes PNG charts (needs matplotlib: ``pip install 'zeta[bench]'``); ``--json``
 prints one JSON object as the last line.
@@ -43,9 +47,9 @@ prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -56,9 +60,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 
-from zeta import ConfigError, Kind, ModelSpec, Scheduler, Scoring, kernel_implementation
-from zeta._ladder import ROLES
+from zeta import ConfigError, ModelSpec, Scheduler, Scoring, ServicePrior, kernel_implementation
 from zeta._policies import POLICIES, Policy, ThresholdPolicy
 from zeta.sim import (
     ORACLE,
@@ -78,30 +82,20 @@ from zeta.sim import (
     simulate,
     surge_loads,
 )
-from zeta.testing._replay import ReplayResult, ReplaySummary, replay, summarize, warm_up
-from zeta.testing._workloads import Arrival, agent_fanout, bursty, steady
+from zeta.sim._measure import measure_fleet
+from zeta.sim._real import RealResult, replay_real
+from zeta.sim._stats import Latency
+
+from .simreal import build_trace, specs_for
 
 #: Every shipped policy, in report order; ``static`` is the baseline the ratios divide by.
 DEFAULT_POLICIES = ("static", "threshold", "dynamic", "round_robin", "jsq", "p2c", "peak_ewma")
 BASELINE = "static"
 #: The baselines dynamic's p99 is held against.
 RIVALS = ("jsq", "p2c", "peak_ewma", "threshold")
-#: Seconds per token at full size: (prompt token, generated token). The embedder's cost is all
-#: prompt processing; the coder and the reasoner prefill at an eighth of their decode cost.
-TOKEN_S: Mapping[str, tuple[float, float]] = {
-    "embedder": (0.0007, 0.0),
-    "coder": (0.0035 / 8, 0.0035),
-    "reasoner": (0.013 / 8, 0.013),
-}
-BASE_S = 0.002
-JITTER = 0.1
 #: Parameters a contender may set, with the scheduler's defaults: every :class:`~zeta.Scoring`
 #: field, the sampling interval and the threshold policy's ``backlog_s``.
 PARAMS: Mapping[str, float] = {**Scoring().as_dict(), "sample_interval": 0.5, "backlog_s": 2.0}
-#: The parameters in seconds; with ``--real`` they are scaled with the run (the rest are
-#: weights and ratios).
-SECONDS = frozenset({"tau", "spill_penalty", "quality_penalty", "sample_interval", "backlog_s"})
-KINDS = (Kind.SIMPLE, Kind.CODE, Kind.EMBED, Kind.REASON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +136,10 @@ class Contender:
             raise ValueError(f"{text!r}: {exc}") from None
         return contender
 
-    def scoring(self, scale: float = 1.0) -> Scoring:
-        """The kernel's parameters, the ones in seconds times ``scale``."""
+    def scoring(self) -> Scoring:
+        """The kernel's parameters."""
         fields = Scoring().as_dict()
-        return Scoring().replace(
-            {k: v * scale if k in SECONDS else v for k, v in self.params.items() if k in fields}
-        )
+        return Scoring().replace({k: v for k, v in self.params.items() if k in fields})
 
 
 # == the simulator ================================================================================
@@ -694,152 +686,6 @@ def sim_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-# == real time (--real) ============================================================================
-def ladder_specs(scale: float, seed: int) -> list[ModelSpec]:
-    """The embedder, coder and reasoner as simulated models, at ``scale`` times real time."""
-    specs = []
-    for i, role in enumerate(("embedder", "coder", "reasoner")):
-        kinds, preferred, quality = ROLES[role]
-        prompt_s, token_s = TOKEN_S[role]
-        options: dict[str, object] = {
-            "base_s": BASE_S * scale,
-            "per_prompt_token_s": prompt_s * scale,
-            "per_output_token_s": token_s * scale,
-            "jitter": JITTER,
-            "seed": seed * 10 + i,
-        }
-        specs.append(
-            ModelSpec(
-                role,
-                kinds=kinds,
-                preferred=preferred,
-                quality=quality,
-                backend="simulated",
-                options=options,
-            )
-        )
-    return specs
-
-
-def workloads(duration: float, seed: int) -> dict[str, list[Arrival]]:
-    """The three workloads at full size (seconds), seeded.
-
-    Average load stays below saturation (reasoner about 40-70% busy, coder 20-60%), so latency
-    differences come from routing, not from an overload no policy can fix; the surges and
-    fan-outs overload the coder for a few seconds at a time.
-    """
-    return {
-        "steady": steady(duration, 2.5, seed=seed),
-        "bursty": bursty(duration, 2.0, burst_rate=10.0, burst_every=5.0, burst_len=2.0, seed=seed),
-        "agent_fanout": agent_fanout(duration, agents=2, fanout=6, think_s=3.0, seed=seed),
-    }
-
-
-async def run_one(
-    contender: Contender, arrivals: Sequence[Arrival], scale: float, seed: int
-) -> tuple[ReplayResult, dict[str, float]]:
-    """Replay ``arrivals`` on a fresh scheduler; also return each model's busy share of the run."""
-    p = {k: v * scale if k in SECONDS else v for k, v in contender.params.items()}
-    policy: str | ThresholdPolicy = contender.policy
-    if policy == "threshold":
-        policy = ThresholdPolicy(backlog_s=p["backlog_s"])
-    async with Scheduler(
-        ladder_specs(scale, seed),
-        policy=policy,
-        admission_timeout=None,
-        seed=seed,
-        scoring=contender.scoring(scale),
-        sample_interval=p["sample_interval"],
-    ) as zs:
-        await warm_up(zs, arrivals)
-        busy0 = {m.name: m.busy_s for m in zs.snapshot().models}
-        result = await replay(zs, arrivals, time_scale=scale)
-        elapsed = result.elapsed_s
-        busy = {
-            m.name: (m.busy_s - busy0[m.name]) / elapsed if elapsed > 0 else 0.0
-            for m in zs.snapshot().models
-        }
-    return result, busy
-
-
-def full_size(result: ReplayResult, scale: float) -> ReplaySummary:
-    """Summarise a run at ``scale`` as if it had run at full size (every time divided by it)."""
-
-    def up(v: float | None) -> float | None:
-        return None if v is None else v / scale
-
-    records = [
-        replace(
-            r, latency_s=up(r.latency_s), queue_wait_s=up(r.queue_wait_s), service_s=up(r.service_s)
-        )
-        for r in result.records
-    ]
-    return summarize(records, result.elapsed_s / scale)
-
-
-def _tighten_timer_slack() -> None:
-    """Ask Linux for 1 us timer slack (default 50 us) for this thread and the threads it starts.
-
-    The simulated backend sleeps once per generated token; at a tenth of real time a coder token
-    is a 0.35 ms sleep, which the default slack would stretch by ~20%. Best effort: elsewhere
-    the figures are just a little less exact.
-    """
-    if sys.platform == "linux":
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK
-        except (OSError, AttributeError):
-            pass
-
-
-# -- reporting ---------------------------------------------------------------------------------
-def _ms(v: float) -> str:
-    return "-" if math.isnan(v) else f"{v * 1e3:,.0f}"
-
-
-def ratios_to_baseline(by_policy: Mapping[str, ReplaySummary]) -> dict[str, dict[str, float]]:
-    """Per contender: its latency quantiles and throughput divided by the baseline's."""
-    base = by_policy[BASELINE]
-    out: dict[str, dict[str, float]] = {}
-    for label, s in by_policy.items():
-        r = {
-            "p50": _ratio(s.latency.p50_s, base.latency.p50_s),
-            "p95": _ratio(s.latency.p95_s, base.latency.p95_s),
-            "p99": _ratio(s.latency.p99_s, base.latency.p99_s),
-            "throughput": _ratio(s.throughput_rps, base.throughput_rps),
-        }
-        for k in KINDS:
-            r[f"p99_{k.value}"] = _ratio(s.by_kind[k.value].p99_s, base.by_kind[k.value].p99_s)
-        out[label] = r
-    return out
-
-
-def print_real_tables(
-    summaries: Mapping[str, Mapping[str, ReplaySummary]],
-    ratios: Mapping[str, Mapping[str, Mapping[str, float]]],
-    out: Callable[[str], object] = print,
-) -> None:
-    """One table per workload: latency (ms, full size), throughput, spills, failures, ratios."""
-    width = max(12, *(len(label) for by in summaries.values() for label in by))
-    for workload, by_policy in summaries.items():
-        n = next(iter(by_policy.values())).requests
-        out(f"\n{workload}: {n} requests; latency in ms; 'x' columns are ratios to {BASELINE}")
-        out(
-            f"{'policy':{width}s} {'p50':>6s} {'p95':>6s} {'p99':>6s} "
-            + "".join(f"{'p99 ' + k.value:>11s}" for k in KINDS)
-            + f" {'req/s':>6s} {'spilled':>7s} {'failed':>6s} {'p50 x':>6s} {'p95 x':>6s} "
-            f"{'p99 x':>6s}"
-        )
-        for label, s in by_policy.items():
-            r = ratios[workload][label]
-            out(
-                f"{label:{width}s} {_ms(s.latency.p50_s):>6s} {_ms(s.latency.p95_s):>6s} "
-                f"{_ms(s.latency.p99_s):>6s} "
-                + "".join(f"{_ms(s.by_kind[k.value].p99_s):>11s}" for k in KINDS)
-                + f" {s.throughput_rps:6.2f} {s.spilled_share:7.1%} {s.failed:6d} "
-                f"{r['p50']:6.2f} {r['p95']:6.2f} {r['p99']:6.2f}"
-            )
-
-
 def _pyplot() -> Any:
     """``matplotlib.pyplot`` with a file-only backend, imported on first use.
 
@@ -858,90 +704,87 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_real(
-    directory: Path,
-    summaries: Mapping[str, Mapping[str, ReplaySummary]],
-    runs: Mapping[str, Mapping[str, ReplayResult]],
-    scale: float,
-) -> list[Path]:
-    """Write the charts into ``directory``; return their paths.
+# == the real ladder (--real) ======================================================================
+#: Scenarios ``--real`` replays unless told others: the ones with real-ladder targets.
+REAL_SCENARIOS = ("calm", "surge")
+#: The issue's bound on dynamic's p99 in an absorbable surge, relative to static's.
+SURGE_P99_BOUND = 1.0 / 3.0
 
-    ``policies_latency.png``: p50/p95/p99 per contender, one panel per workload.
-    ``policies_timeline_<workload>.png``: each request's latency against its arrival time under
-    static, threshold and dynamic, coloured by the model that served it.
 
-    Raises:
-        SystemExit: matplotlib is not installed.
-    """
-    plt = _pyplot()
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
+@dataclass(frozen=True, slots=True)
+class RealRun:
+    """One contender's live replay of one scenario's trace, in one round."""
 
-    names = list(summaries)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.8), squeeze=False)
-    for ax, workload in zip(axes[0], names, strict=True):
-        by_policy = summaries[workload]
-        labels = list(by_policy)
-        bar = 0.27
-        for j, q in enumerate(("p50", "p95", "p99")):
-            values = [getattr(by_policy[p].latency, f"{q}_s") * 1e3 for p in labels]
-            ax.bar([x + (j - 1) * bar for x in range(len(labels))], values, bar, label=q)
-        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("latency, ms")
-        ax.set_title(f"{workload} ({by_policy[labels[0]].requests} requests)")
-        ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("routing policies on simulated ladder models: latency of all requests")
-    fig.tight_layout()
-    path = directory / "policies_latency.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    scenario: str
+    label: str
+    round: int
+    result: RealResult
 
-    colours = {"embedder": "tab:green", "coder": "tab:blue", "reasoner": "tab:red"}
-    for workload, results in runs.items():
-        shown = [p for p in ("static", "threshold", "dynamic") if p in results]
-        if not shown:
+    def latency(self) -> Latency:
+        lat = self.result.latency
+        return Latency.of(lat.size, lat[np.isfinite(lat)])
+
+
+def spilled_share(result: RealResult, specs: Sequence[ModelSpec]) -> float:
+    """Share of the served requests that a model not preferring their kind served."""
+    preferred = {s.name: s.preferred for s in specs}
+    served = [(r.kind, r.model) for r in result.records if r.model is not None]
+    if not served:
+        return math.nan
+    return sum(kind not in preferred[model] for kind, model in served) / len(served)
+
+
+async def replay_contender(
+    specs: Sequence[ModelSpec],
+    trace: Sequence[SimRequest],
+    contender: Contender,
+    seed: int,
+    priors: Mapping[str, ServicePrior] | None,
+) -> RealResult:
+    """``trace`` replayed live on a fresh scheduler over ``specs`` under ``contender``.
+
+    One scheduler holds llama.cpp threads at a time (``bench llama`` says why)."""
+    async with Scheduler(
+        list(specs),
+        policy=sim_policy(contender),
+        scoring=contender.scoring(),
+        sample_interval=contender.params["sample_interval"],
+        admission_timeout=None,
+        seed=seed,
+        priors=priors,
+    ) as zs:
+        return await replay_real(zs, trace)
+
+
+def real_verdicts(
+    pooled: Mapping[str, Mapping[str, Latency]],
+) -> list[tuple[bool | None, str, str, str]]:
+    """The issue's real-ladder targets for ``dynamic``, on the latencies pooled over rounds:
+    ``(passed, target, scenario, figure)``; ``passed`` is ``None`` when a side is missing."""
+    out: list[tuple[bool | None, str, str, str]] = []
+    for name, by in pooled.items():
+        d, s = by.get("dynamic"), by.get(BASELINE)
+        if d is None or s is None:
             continue
-        fig, axes = plt.subplots(
-            len(shown), 1, figsize=(11, 2.5 * len(shown)), sharex=True, sharey=True, squeeze=False
-        )
-        for ax, label in zip(axes[:, 0], shown, strict=True):
-            for model, colour in colours.items():
-                pts = [
-                    (r.at, r.latency_s / scale * 1e3)
-                    for r in results[label].records
-                    if r.ok and r.model == model and r.latency_s is not None
-                ]
-                if pts:
-                    xs, ys = zip(*pts, strict=True)
-                    ax.scatter(xs, ys, s=8, c=colour, label=f"served by {model}")
-            s = summaries[workload][label]
-            ax.set_title(
-                f"{label}: p50 {_ms(s.latency.p50_s)} / p95 {_ms(s.latency.p95_s)} / "
-                f"p99 {_ms(s.latency.p99_s)} ms, spilled {s.spilled_share:.0%}",
-                fontsize=10,
-            )
-            ax.set_yscale("log")
-            ax.set_ylabel("latency, ms")
-            ax.grid(which="both", alpha=0.3)
-        axes[0, 0].legend(loc="upper right", fontsize=8)
-        axes[-1, 0].set_xlabel("scheduled arrival, s")
-        fig.suptitle(f"{workload}: latency of each request by arrival time")
-        fig.tight_layout()
-        path = directory / f"policies_timeline_{workload}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
+        p50, p99 = _ratio(d.p50_s, s.p50_s), _ratio(d.p99_s, s.p99_s)
+        for q, r in (("p50", p50), ("p99", p99)):
+            ok = r <= 1.0 if math.isfinite(r) else None
+            out.append((ok, f"dynamic never worse than static on {q}", name, f"{q}/static {r:.2f}"))
+        if name == "surge":
+            ok = p99 <= SURGE_P99_BOUND if math.isfinite(p99) else None
+            out.append((ok, "surge: dynamic p99 <= 1/3 of static's", name, f"p99/static {p99:.3f}"))
+    return out
 
 
 def real_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not (args.duration > 0 and 0 < args.scale <= 1):
-        parser.error("need --duration > 0 and 0 < --scale <= 1")
+    names = args.scenarios or list(REAL_SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; known: {list(SCENARIOS)}")
+    if not (args.duration > 0 and args.rounds >= 1 and args.slots >= 1):
+        parser.error("need --duration > 0, --rounds >= 1 and --slots >= 1")
     try:
-        contenders = [Contender.parse(text) for text in args.policies or DEFAULT_POLICIES]
+        contenders = [Contender.parse(text) for text in args.policies or ("static", "dynamic")]
     except ValueError as exc:
         parser.error(str(exc))
     if BASELINE not in [c.label for c in contenders]:
@@ -949,67 +792,112 @@ def real_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if len({c.label for c in contenders}) != len(contenders):
         parser.error("each contender may be named once")
 
-    if args.plot is not None:
-        _pyplot()  # fail before the runs, not after them
-    _tighten_timer_slack()
     t0 = time.perf_counter()
-    loads = workloads(args.duration, args.seed)
-    runs: dict[str, dict[str, ReplayResult]] = {}
-    busy: dict[str, dict[str, dict[str, float]]] = {}
-    summaries: dict[str, dict[str, ReplaySummary]] = {}
-    for workload, arrivals in loads.items():
-        runs[workload], busy[workload], summaries[workload] = {}, {}, {}
-        for c in contenders:
-            run = partial(run_one, c, arrivals, args.scale, args.seed)
-            result, shares = anyio.run(run, backend=args.backend)
-            runs[workload][c.label] = result
-            busy[workload][c.label] = shares
-            summaries[workload][c.label] = full_size(result, args.scale)
-    wall = time.perf_counter() - t0
-    ratios = {w: ratios_to_baseline(by) for w, by in summaries.items()}
-
+    specs = specs_for(args.tiny, args.slots)
+    fleet = measure_fleet(specs, report=print)
+    priors = fleet.priors() if args.priors else None
+    traces = {n: build_trace(fleet, n, args.seed, args.duration, args.requests)[0] for n in names}
+    need = max(r.prompt_tokens + r.max_tokens for t in traces.values() for r in t) + 8
+    if need > 512:  # a slot holds the prompt and max_tokens
+        specs = specs_for(args.tiny, args.slots, n_ctx=need)
     print(
-        f"routing policies on simulated ladder models in real time: seed {args.seed}, "
-        f"{args.duration:g}s workloads at {args.scale:g}x real time on {args.backend}, "
-        f"kernel={kernel_implementation()}, python {platform.python_version()}"
+        f"routing policies on the real {'tiny ' if args.tiny else ''}llama ladder "
+        f"({args.slots} slots), measured above: {', '.join(names)}, seed {args.seed}, "
+        f"~{args.duration:g}s traces, {args.rounds} round(s) in alternating order, "
+        f"priors={'on' if priors else 'off'}, kernel={kernel_implementation()}"
     )
-    print_real_tables(summaries, ratios)
-    print("\nbusy share of embedder / coder / reasoner:")
-    for workload, by_policy in busy.items():
-        print(f"  {workload}")
-        for label, shares in by_policy.items():
-            print(f"    {label:24s} " + " / ".join(f"{v:4.0%}" for v in shares.values()))
-    print(f"\nwall time {wall:.1f}s")
-    written = []
-    if args.plot is not None:
-        written = plot_real(args.plot, summaries, runs, args.scale)
-        for path in written:
-            print(f"wrote {path}")
+    runs: list[RealRun] = []
+    for name, trace in traces.items():
+        for rnd in range(args.rounds):
+            order = contenders if rnd % 2 == 0 else contenders[::-1]
+            for c in order:
+                run = partial(replay_contender, specs, trace, c, args.seed, priors)
+                runs.append(RealRun(name, c.label, rnd, anyio.run(run)))
+                print(f"  {name} round {rnd + 1}: {c.label} done")
+    wall = time.perf_counter() - t0
+
+    pooled: dict[str, dict[str, Latency]] = {}
+    report: dict[str, Any] = {}
+    for name, trace in traces.items():
+        pooled[name] = {}
+        sims = {c.label: run_contender(fleet, trace, c, args.seed, args.priors) for c in contenders}
+        print(
+            f"\n{name}: {SCENARIOS[name].description}; {len(trace)} requests over "
+            f"{trace[-1].at:.0f}s x {args.rounds} round(s). Latency in ms over all rounds; "
+            "'/st': per-round ratio to static, median [min-max]; sim: the simulator on the "
+            "measured profile"
+        )
+        print(
+            f"{'policy':12s} {'p50':>6s} {'p95':>6s} {'p99':>6s} {'spill':>6s} {'failed':>6s} "
+            f"{'p50/st':>17s} {'p99/st':>17s} {'sim p50':>8s} {'sim p99':>8s}"
+        )
+        mine = [r for r in runs if r.scenario == name]
+        for c in contenders:
+            own = [r for r in mine if r.label == c.label]
+            lat = np.concatenate([r.result.latency for r in own])
+            pooled[name][c.label] = p = Latency.of(lat.size, lat[np.isfinite(lat)])
+            ratios: dict[str, list[float]] = {"p50": [], "p99": []}
+            for r in own:
+                base = next(b for b in mine if b.label == BASELINE and b.round == r.round)
+                a, b = r.latency(), base.latency()
+                ratios["p50"].append(_ratio(a.p50_s, b.p50_s))
+                ratios["p99"].append(_ratio(a.p99_s, b.p99_s))
+            spill = float(np.mean([spilled_share(r.result, specs) for r in own]))
+            failed = sum(r.result.failed for r in own)
+            sim = sims[c.label].summary().latency
+            print(
+                f"{c.label:12s} {_ms(p.p50_s):>6s} {_ms(p.p95_s):>6s} {_ms(p.p99_s):>6s} "
+                f"{spill:6.1%} {failed:6d} {_spread(ratios['p50']):>17s} "
+                f"{_spread(ratios['p99']):>17s} {_ms(sim.p50_s):>8s} {_ms(sim.p99_s):>8s}"
+            )
+            report.setdefault(name, {})[c.label] = {
+                "latency": p.to_dict(),
+                "per_round_ratio_to_static": ratios,
+                "spilled_share": spill,
+                "failed": failed,
+                "sim": sim.to_dict(),
+            }
+
+    verdicts = real_verdicts(pooled)
+    print("\ntargets (dynamic, latencies pooled over rounds):")
+    for ok, target, name, figure in verdicts:
+        mark = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        print(f"  {mark}  {target:42s} {name:8s} {figure}")
+    print(
+        f"\nwall time {wall:.0f}s; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
     if args.json:
-        report = {
+        out = {
             "suite": "policies",
             "mode": "real",
+            "tiny": args.tiny,
+            "slots": args.slots,
             "seed": args.seed,
-            "duration_s": args.duration,
-            "scale": args.scale,
-            "backend": args.backend,
+            "rounds": args.rounds,
+            "priors": bool(args.priors),
             "kernel": kernel_implementation(),
             "python": platform.python_version(),
             "wall_s": wall,
             "contenders": {c.label: {"policy": c.policy, **c.params} for c in contenders},
-            "workloads": {
-                w: {
-                    "requests": len(loads[w]),
-                    "policies": {label: s.to_dict() for label, s in by.items()},
-                    "busy_share": busy[w],
-                }
-                for w, by in summaries.items()
-            },
-            "ratios_vs_static": _clean(ratios),
-            "plots": [str(p) for p in written],
+            "scenarios": {n: {"requests": len(t), **report[n]} for n, t in traces.items()},
+            "targets": [
+                {"target": t, "scenario": n, "figure": f, "passed": ok} for ok, t, n, f in verdicts
+            ],
+            "fleet": fleet.to_dict(),
         }
-        print(json.dumps(report))
+        print(json.dumps(_clean(out)))
     return 0
+
+
+def _ms(v: float) -> str:
+    return "-" if not math.isfinite(v) else f"{v * 1e3:,.0f}"
+
+
+def _spread(values: Sequence[float]) -> str:
+    ok = [v for v in values if math.isfinite(v)]
+    if not ok:
+        return "-"
+    return f"{float(np.median(ok)):.2f} [{min(ok):.2f}-{max(ok):.2f}]"
 
 
 def main(argv: list[str]) -> int:
@@ -1049,11 +937,10 @@ def main(argv: list[str]) -> int:
         "--priors", action="store_true", help="seed the kernel's estimates from the profile"
     )
     real = parser.add_argument_group("--real")
-    real.add_argument("--duration", type=float, default=24.0, help="workload length, full-size s")
-    real.add_argument(
-        "--scale", type=float, default=0.06, help="time scale (0.1: ten times faster than real)"
-    )
-    real.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    real.add_argument("--tiny", action="store_true", help="the *-tiny ladder models")
+    real.add_argument("--slots", type=int, default=4, help="slots per model (default 4)")
+    real.add_argument("--duration", type=float, default=60.0, help="trace length, s (default 60)")
+    real.add_argument("--rounds", type=int, default=2, help="rounds per scenario (default 2)")
     args = parser.parse_args(argv)
     return real_main(args, parser) if args.real else sim_main(args, parser)
 

@@ -86,17 +86,28 @@ def test_policies_bench_takes_its_contenders_and_scenarios(tmp_path: Path) -> No
     assert set(surge["policies"]) == {"static", "dynamic", "dynamic:contention_weight=0", "oracle"}
 
 
-def test_policies_bench_replays_in_real_time_with_real(tmp_path: Path) -> None:
+def test_policies_bench_replays_scenarios_on_the_real_ladder(tmp_path: Path) -> None:
     result = run_bench(
-        "policies", "--real", "--duration", "2", "--policies", "static", "dynamic",
+        "policies", "--real", "--tiny", "--scenarios", "surge", "--requests", "40",
+        "--duration", "1.5", "--rounds", "2", "--policies", "dynamic", "--priors",
         tmp_path=tmp_path,
     )  # fmt: skip
-    assert result["mode"] == "real"
-    workloads = result["workloads"]
-    assert isinstance(workloads, dict)
-    assert set(workloads) == {"steady", "bursty", "agent_fanout"}
-    for w in workloads.values():
-        assert set(w["policies"]) == {"static", "dynamic"}
+    assert result["mode"] == "real" and result["priors"] is True
+    scenarios = result["scenarios"]
+    assert isinstance(scenarios, dict) and set(scenarios) == {"surge"}
+    surge = scenarios["surge"]
+    n = surge["requests"]
+    assert 30 <= n <= 50  # about --requests
+    # The baseline is always run: the ratios need it.
+    for label in ("static", "dynamic"):
+        row = surge[label]
+        assert row["failed"] == 0
+        assert row["latency"]["served"] == 2 * n  # both rounds, every request answered
+        assert len(row["per_round_ratio_to_static"]["p99"]) == 2
+        assert row["sim"]["served"] == n
+    assert surge["static"]["spilled_share"] == 0.0
+    assert {t["scenario"] for t in result["targets"]} == {"surge"}
+    assert len(result["targets"]) == 3
 
 
 def test_llama_bench_sweeps_in_flight_levels_for_every_contender(tmp_path: Path) -> None:
