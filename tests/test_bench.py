@@ -157,16 +157,22 @@ def test_unknown_suite_is_a_usage_error() -> None:
 def test_simreal_bench_compares_real_and_simulated_latency_per_kind(tmp_path: Path) -> None:
     result = run_bench(
         "simreal", "--tiny", "--requests", "40", "--duration", "1.5", "--rounds", "1",
-        "--steps", "4", tmp_path=tmp_path,
+        "--steps", "4", "--repeats", "2", tmp_path=tmp_path,
     )  # fmt: skip
     requests = result["requests"]
     assert result["tiny"] is True and isinstance(requests, int) and 20 <= requests <= 80
     assert result["tolerance"] == 0.15 and result["met"] in (True, False)
     by_kind = result["by_kind"]
     assert isinstance(by_kind, dict) and by_kind
-    for gap in by_kind.values():
+    ranges = result["p95_real_range"]
+    assert isinstance(ranges, dict) and set(ranges) == set(by_kind)
+    for kind, gap in by_kind.items():
         assert gap["real"]["p50_s"] > 0 and gap["sim"]["p50_s"] > 0
         assert {"p50_error", "p95_error"} <= set(gap)
+        # Both repeats pooled, and every request served in each.
+        assert gap["real"]["served"] == gap["real"]["requests"] == gap["sim"]["requests"]
+        low, high = ranges[kind]
+        assert 0 < low <= high
     assert result["failed_real"] == 0 and result["token_mismatches"] == 0
     load = result["load_average"]
     assert isinstance(load, dict) and len(load["before_replay"]) == 3
