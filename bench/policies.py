@@ -777,6 +777,8 @@ def real_verdicts(
 
 
 def real_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.plot is not None or args.fleet != "ladder":
+        parser.error("--plot and --fleet are for the simulator; --real measures this host's ladder")
     names = args.scenarios or list(REAL_SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:

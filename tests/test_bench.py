@@ -154,6 +154,15 @@ def test_unknown_suite_is_a_usage_error() -> None:
     assert "usage" in out.stdout
 
 
+def test_policies_real_refuses_simulator_only_options(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "policies", "--real", "--plot", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--plot and --fleet are for the simulator" in out.stderr
+
+
 def test_simreal_bench_compares_real_and_simulated_latency_per_kind(tmp_path: Path) -> None:
     result = run_bench(
         "simreal", "--tiny", "--requests", "40", "--duration", "1.5", "--rounds", "1",
