@@ -128,10 +128,10 @@ def _cpu_bound(spec: ModelSpec, others: Sequence[ModelSpec]) -> float:
     the cores that the threads of all of them exceed, ``threads / cores`` (at least 1).
 
     Beside two other models the profiler measured a tiny coder 2.2-3.8x slower on two cores with
-    one thread each, where the cores allow 1.5x: the excess is the measurement's own threads
-    (Python between steps, contending for the GIL), which the actors pay far less. Replaying one
-    trace live and in the simulator, the capped profile's p95 per kind came within -30% to +17%
-    of the live figure (three of four kinds within 22%); uncapped, +58% to +243%.
+    one thread each, where the cores allow 1.5x; the excess is likely the measurement's own
+    threads (Python between steps, contending for the GIL). With the bound, ``bench simreal``
+    (steady, three live repeats) put the simulated p95 per kind at -20% to -31% of the live
+    one, where the unbounded profile had put it at +58% to +243%.
     ``inf`` on a GPU: no bound."""
     if spec.device is not None:
         return math.inf
