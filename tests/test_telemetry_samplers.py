@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pynvml  # noqa: F401  (nvidia-ml-py is a dependency: a broken install must fail)
@@ -209,7 +210,11 @@ def test_default_cpu_signal_is_the_hosts_not_the_actors_own(make_actor: Any) -> 
 def test_real_host_cpu_reading_is_a_fraction(make_actor: Any) -> None:
     s = HostCpuSampler()
     s.sample([make_actor("a")], 0.0)
-    sum(i * i for i in range(300_000))
+    # Busy for 0.2 s: many of the kernel's 10 ms accounting ticks, however loaded the host (a
+    # fixed amount of work could end inside one tick and read as nothing).
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline:
+        sum(i * i for i in range(10_000))
     (u,) = s.sample([make_actor("a")], 1.0)
     assert 0.0 < u <= 1.0
 
