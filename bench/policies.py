@@ -38,7 +38,8 @@ on a fresh :class:`~zeta.Scheduler` per contender and round (:func:`zeta.sim._re
 rounds alternate the contenders' order). It prints p50/p95/p99 over all rounds, the per-round
 ratios to ``static`` (median and range), the spilled share, and what the simulator predicts for
 the same trace on the measured profile; then the issue's real-ladder targets. ``--priors`` seeds
-the schedulers (and the simulator) with the measured profile.
+the schedulers (and the simulator) with the measured profile. With the defaults (calm and
+surge, 60 s, two rounds) it takes about eight minutes on two cores.
 
 ``--plot DIR`` writes PNG charts (needs matplotlib: ``pip install 'zeta[bench]'``); ``--json``
 prints one JSON object as the last line.
