@@ -112,8 +112,9 @@ def measure_fleet(
                     ]
                     for n in range(1, len(others) + 1):
                         busy = _busy_step(backend, steps, salt, [b for _, b in others[:n]])
+                        # Never faster when busier; never slower than the CPU share allows.
                         bound = _cpu_bound(spec, [s for s, _ in others[:n]])
-                        factors.append(min(max(1.0, busy / step_s[0]), bound))
+                        factors.append(min(max(factors[-1], busy / step_s[0]), bound))
                     report(f"{spec.name}: coload {', '.join(f'{f:.2f}' for f in factors)}")
             profile = ServiceProfile(call_s, per_token, tuple(step_s), tuple(factors), jitter)
             models.append(SimModel(_sim_spec(spec), profile))
