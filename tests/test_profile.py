@@ -11,7 +11,7 @@ import pytest
 from zeta import Kind
 from zeta.cli import main
 from zeta.sim import Fleet, load_fleet
-from zeta.sim._measure import _cpu_bound, fleet_toml, measure_fleet
+from zeta.sim._measure import fleet_toml, measure_fleet
 from zeta.testing import ladder_spec
 
 
@@ -28,10 +28,10 @@ def test_measure_fleet_on_the_tiny_ladder_round_trips_through_toml(tmp_path: Pat
         assert profile.coload[0] == 1.0 and profile.prefill_token_s >= 0.0
     coder = fleet.model("coder-tiny").profile
     assert len(coder.coload) == 3  # beside one, then both of the reasoner and the embedder
-    # No slower than the CPU share allows (one thread each: 2 or 3 threads over the cores).
-    others = [specs[0], specs[2]]  # the profiler's order: the others as listed
-    for n, factor in enumerate(coder.coload[1:], start=1):
-        assert coder.coload[n - 1] <= factor <= _cpu_bound(specs[1], others[:n])
+    # Measured on a live scheduler: never faster with more of the others busy.
+    for model in fleet.models:
+        coload = model.profile.coload
+        assert len(coload) == 3 and list(coload) == sorted(coload)
     assert fleet.model("coder-tiny").spec.preferred == frozenset({Kind.SIMPLE, Kind.CODE})
     assert any("coload" in line for line in lines)
     text = fleet_toml(fleet)
@@ -39,18 +39,6 @@ def test_measure_fleet_on_the_tiny_ladder_round_trips_through_toml(tmp_path: Pat
     path = tmp_path / "fleet.toml"
     path.write_text(text)
     assert load_fleet(path) == fleet
-
-
-def test_a_cpu_models_coload_is_bounded_by_its_share_of_the_cores(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    one, two = (ladder_spec("coder-tiny", n_threads=n) for n in (1, 2))
-    assert _cpu_bound(one, []) == 1.0
-    assert _cpu_bound(one, [one]) == 1.0  # two threads on two cores: nothing lost
-    assert _cpu_bound(one, [one, one]) == 1.5
-    assert _cpu_bound(two, [two]) == 2.0
-    assert _cpu_bound(ladder_spec("coder-tiny", device=0), [one, one]) == float("inf")
 
 
 def test_zeta_profile_writes_a_fleet_file(tmp_path: Path, tiny_models: dict[str, Path]) -> None:

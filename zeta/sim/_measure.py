@@ -9,12 +9,13 @@ backend and measures, on this host:
   for a model that only embeds, the same from one-text embeddings;
 * the decode step time with ``1..slots`` sequences busy: ``k`` sequences admitted and
   prefilled, then ``steps`` decode steps timed;
-* the slowdown while other models on the same device are busy: its one-sequence step time while
-  ``1, 2, ...`` of the others work in their own threads (decoding, or embedding for a model that
-  only embeds) (each context stays on one thread),
-  over its step time alone; for a model that only embeds, its embedding time beside the models
-  that decode, over its time alone. On the CPU a slowdown is capped at what the cores allow
-  (:func:`_cpu_bound`: the threads of the busy models over the cores, at least 1);
+* the slowdown while other models on the same device are busy: on a live
+  :class:`~zeta.Scheduler` over the same models (one replica each, after the contexts above
+  are closed), its per-token time with one request (an embedding model: its time for one text)
+  while ``1, 2, ...`` of the others are kept busy, over its time alone. Measured through the
+  actors, so their worker threads, the event loop and the Python between decode steps weigh in
+  as in service (bare contexts in threads read a one-thread coder 2.2-3.8x slower beside two
+  others on two cores, live 2.0x);
 * the jitter: the spread of its one-sequence step times.
 
 The result is a :class:`~zeta.sim.Fleet` the simulator loads (:func:`~zeta.sim.load_fleet`);
@@ -23,14 +24,13 @@ The result is a :class:`~zeta.sim.Fleet` the simulator loads (:func:`~zeta.sim.l
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .._types import Kind, ModelSpec
@@ -68,77 +68,102 @@ def measure_fleet(
     """
     salt = _Salt()
     opened: list[BatchBackend] = []
+    measured: list[tuple[float, float, list[float], float]] = []
     try:
         for spec in specs:
             opened.append(batched(get_backend(spec.backend)(spec, 0)))
             report(f"opened {spec.name}")
-        models = []
-        for i, (spec, backend) in enumerate(zip(specs, opened, strict=True)):
+        for spec, backend in zip(specs, opened, strict=True):
             call_s, per_token = _prefill(spec, backend, rounds, salt)
             report(
                 f"{spec.name}: call {call_s * 1e3:.2f} ms, prefill {per_token * 1e6:.1f} us/token"
             )
             if spec.kinds == frozenset({Kind.EMBED}):
-                step_s = [max(per_token, 1e-6)] * spec.slots
-                jitter, factors = 0.0, [1.0]
-                if coload:
-                    # An embedding is a prefill: it slows beside busy models as a decode does.
-                    decoders = [
-                        (s, b)
-                        for s, b in zip(specs, opened, strict=True)
-                        if s.device == spec.device and s.kinds != frozenset({Kind.EMBED})
-                    ]
-                    alone = _timed_embeds(backend, rounds, salt)
-                    for n in range(1, len(decoders) + 1):
-                        busy = _beside(
-                            functools.partial(_timed_embeds, backend, rounds, salt),
-                            salt,
-                            [b for _, b in decoders[:n]],
-                        )
-                        # Never faster when busier; never slower than the CPU share allows.
-                        bound = _cpu_bound(spec, [s for s, _ in decoders[:n]])
-                        factors.append(min(max(factors[-1], busy / alone), bound))
-                    report(f"{spec.name}: coload {', '.join(f'{f:.2f}' for f in factors)}")
+                step_s, jitter = [max(per_token, 1e-6)] * spec.slots, 0.0
             else:
                 step_s, samples = _steps(backend, spec.slots, steps, rounds, salt)
                 report(f"{spec.name}: step {', '.join(f'{s * 1e3:.2f}' for s in step_s)} ms")
                 jitter = _jitter(samples)
-                factors = [1.0]
-                if coload:
-                    others = [
-                        (s, b)
-                        for j, (s, b) in enumerate(zip(specs, opened, strict=True))
-                        if j != i and s.device == spec.device
-                    ]
-                    for n in range(1, len(others) + 1):
-                        busy = _busy_step(backend, steps, salt, [b for _, b in others[:n]])
-                        # Never faster when busier; never slower than the CPU share allows.
-                        bound = _cpu_bound(spec, [s for s, _ in others[:n]])
-                        factors.append(min(max(factors[-1], busy / step_s[0]), bound))
-                    report(f"{spec.name}: coload {', '.join(f'{f:.2f}' for f in factors)}")
-            profile = ServiceProfile(call_s, per_token, tuple(step_s), tuple(factors), jitter)
-            models.append(SimModel(_sim_spec(spec), profile))
-        return Fleet(tuple(models), _lanes(specs))
+            measured.append((call_s, per_token, step_s, jitter))
     finally:
         for backend in opened:
             backend.close()
+    # Co-load through the scheduler's own actors, once the contexts above are closed.
+    factors = _live_coload(specs, rounds, steps, salt, report) if coload else {}
+    models = [
+        SimModel(
+            _sim_spec(spec),
+            ServiceProfile(call_s, per_token, tuple(step_s), factors.get(spec.name, (1.0,)), jit),
+        )
+        for spec, (call_s, per_token, step_s, jit) in zip(specs, measured, strict=True)
+    ]
+    return Fleet(tuple(models), _lanes(specs))
 
 
-def _cpu_bound(spec: ModelSpec, others: Sequence[ModelSpec]) -> float:
-    """The most a CPU model can slow beside ``others``: its threads lose at most the share of
-    the cores that the threads of all of them exceed, ``threads / cores`` (at least 1).
+def _live_coload(
+    specs: Sequence[ModelSpec],
+    rounds: int,
+    steps: int,
+    salt: _Salt,
+    report: Callable[[str], None],
+) -> dict[str, tuple[float, ...]]:
+    """Per model, how much slower it serves while ``1, 2, ...`` of the other models on its
+    device are kept busy, over its time alone: measured on a live :class:`~zeta.Scheduler`
+    (one replica each), so the actors' worker threads, the event loop and the Python between
+    decode steps weigh in as they do in service. A decoding model's figure is its per-token
+    time of one request; an embedding model's, its time for one text. Never faster when
+    busier."""
+    import anyio
 
-    Beside two other models the profiler measured a tiny coder 2.2-3.8x slower on two cores with
-    one thread each, where the cores allow 1.5x; the excess is likely the measurement's own
-    threads (Python between steps, contending for the GIL). With the bound, ``bench simreal``
-    (steady, three live repeats) put the simulated p95 per kind at -20% to -31% of the live
-    one, where the unbounded profile had put it at +58% to +243%.
-    ``inf`` on a GPU: no bound."""
-    if spec.device is not None:
-        return math.inf
-    cores = float(os.cpu_count() or 1)
-    threads = spec.n_threads + sum(o.n_threads for o in others)
-    return max(1.0, threads / cores)
+    from .._scheduler import Scheduler
+
+    tokens = max(32, 2 * steps)
+
+    async def timed(zs: Scheduler, spec: ModelSpec) -> float:
+        samples = []
+        for _ in range(max(1, rounds) + 1):  # the first is a warm-up
+            if spec.kinds == frozenset({Kind.EMBED}):
+                e = await zs.embed(prompt_of(65, salt()), model=spec.name)
+                samples.append(e.service_s)
+            else:
+                c = await zs.complete(prompt_of(5, salt()), model=spec.name, max_tokens=tokens)
+                decode = c.service_s - c.first_token_s
+                samples.append(decode / max(1, c.completion_tokens - 1))
+        return statistics.median(samples[1:])
+
+    async def busy(zs: Scheduler, other: ModelSpec, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            if other.kinds == frozenset({Kind.EMBED}):
+                await zs.embed(prompt_of(65, salt()), model=other.name)
+            else:
+                await zs.complete(prompt_of(5, salt()), model=other.name, max_tokens=48)
+
+    async def beside(zs: Scheduler, spec: ModelSpec, others: Sequence[ModelSpec]) -> float:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            for other in others:
+                tg.start_soon(busy, zs, other, stop)
+            await anyio.sleep(0.05)  # their first requests are running
+            t = await timed(zs, spec)
+            stop.set()
+        return t
+
+    async def main() -> dict[str, tuple[float, ...]]:
+        out: dict[str, tuple[float, ...]] = {}
+        live = [replace(s, replicas=1) for s in specs]
+        async with Scheduler(live, admission_timeout=None, calibrator=None) as zs:
+            for i, spec in enumerate(live):
+                others = [s for j, s in enumerate(live) if j != i and s.device == spec.device]
+                alone = await timed(zs, spec)
+                factors = [1.0]
+                for n in range(1, len(others) + 1):
+                    slow = await beside(zs, spec, others[:n]) / alone if alone > 0 else 1.0
+                    factors.append(max(factors[-1], slow))
+                out[spec.name] = tuple(factors)
+                report(f"{spec.name}: coload {', '.join(f'{f:.2f}' for f in factors)}")
+        return out
+
+    return anyio.run(main)
 
 
 def _sim_spec(spec: ModelSpec) -> ModelSpec:
@@ -237,73 +262,6 @@ def _steps(
     for k in range(1, len(result)):
         result[k] = max(result[k], result[k - 1])
     return result, ones
-
-
-def _timed_embeds(backend: BatchBackend, rounds: int, salt: _Salt) -> float:
-    """Median time of ``rounds`` one-text embeddings of a fresh 64-word prompt."""
-    times = []
-    for _ in range(max(1, rounds)):
-        text = prompt_of(65, salt())
-        t0 = time.perf_counter()
-        backend.embed([text])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _busy_step(
-    backend: BatchBackend, steps: int, salt: _Salt, others: Sequence[BatchBackend]
-) -> float:
-    """One-sequence step time of ``backend`` while each of ``others`` decodes one sequence in
-    its own thread."""
-
-    def timed() -> float:
-        keys = _decode(backend, 1, salt, steps * 2 + 4)
-        busy = _timed_steps(backend, steps)
-        for key in keys:
-            backend.cancel(key)
-        return busy
-
-    return _beside(timed, salt, others)
-
-
-def _beside(measure: Callable[[], float], salt: _Salt, others: Sequence[BatchBackend]) -> float:
-    """``measure()`` while each of ``others`` works in its own thread: decodes one sequence, or
-    embeds texts one after another if it only embeds."""
-    stop = threading.Event()
-    ready = threading.Barrier(len(others) + 1)
-    errors: list[BaseException] = []
-
-    def run(other: BatchBackend) -> None:
-        try:
-            if other.spec.kinds == frozenset({Kind.EMBED}):
-                ready.wait()
-                while not stop.is_set():
-                    other.embed([prompt_of(65, salt())])
-                return
-            keys = _decode(other, 1, salt, 48)
-            ready.wait()
-            while not stop.is_set():
-                if other.step():  # its sequence ended: start another
-                    keys = _decode(other, 1, salt, 48)
-            for key in keys:
-                other.cancel(key)
-        except BaseException as exc:  # reported below; the barrier must not hang
-            errors.append(exc)
-            ready.abort()
-
-    threads = [threading.Thread(target=run, args=(o,), daemon=True) for o in others]
-    for t in threads:
-        t.start()
-    try:
-        ready.wait()
-        busy = measure()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
-    return busy
 
 
 def _jitter(samples: Sequence[float]) -> float:
