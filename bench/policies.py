@@ -63,7 +63,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from zeta import ConfigError, ModelSpec, Scheduler, Scoring, ServicePrior, kernel_implementation
+from zeta import ConfigError, ModelSpec, Scoring, kernel_implementation
 from zeta._policies import POLICIES, Policy, ThresholdPolicy
 from zeta.sim import (
     ORACLE,
@@ -84,10 +84,10 @@ from zeta.sim import (
     surge_loads,
 )
 from zeta.sim._measure import measure_fleet
-from zeta.sim._real import RealResult, replay_real
+from zeta.sim._real import RealResult
 from zeta.sim._stats import Latency
 
-from .simreal import build_trace, specs_for
+from .simreal import build_trace, run_real, specs_for
 
 #: Every shipped policy, in report order; ``static`` is the baseline the ratios divide by.
 DEFAULT_POLICIES = ("static", "threshold", "dynamic", "round_robin", "jsq", "p2c", "peak_ewma")
@@ -722,8 +722,12 @@ class RealRun:
     result: RealResult
 
     def latency(self) -> Latency:
-        lat = self.result.latency
-        return Latency.of(lat.size, lat[np.isfinite(lat)])
+        return served_latency(self.result.latency)
+
+
+def served_latency(lat: np.ndarray[Any, Any]) -> Latency:
+    """Quantiles of the served requests (NaN: not served) among all of ``lat``."""
+    return Latency.of(lat.size, lat[np.isfinite(lat)])
 
 
 def spilled_share(result: RealResult, specs: Sequence[ModelSpec]) -> float:
@@ -733,28 +737,6 @@ def spilled_share(result: RealResult, specs: Sequence[ModelSpec]) -> float:
     if not served:
         return math.nan
     return sum(kind not in preferred[model] for kind, model in served) / len(served)
-
-
-async def replay_contender(
-    specs: Sequence[ModelSpec],
-    trace: Sequence[SimRequest],
-    contender: Contender,
-    seed: int,
-    priors: Mapping[str, ServicePrior] | None,
-) -> RealResult:
-    """``trace`` replayed live on a fresh scheduler over ``specs`` under ``contender``.
-
-    One scheduler holds llama.cpp threads at a time (``bench llama`` says why)."""
-    async with Scheduler(
-        list(specs),
-        policy=sim_policy(contender),
-        scoring=contender.scoring(),
-        sample_interval=contender.params["sample_interval"],
-        admission_timeout=None,
-        seed=seed,
-        priors=priors,
-    ) as zs:
-        return await replay_real(zs, trace)
 
 
 def real_verdicts(
@@ -814,7 +796,12 @@ def real_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for rnd in range(args.rounds):
             order = contenders if rnd % 2 == 0 else contenders[::-1]
             for c in order:
-                run = partial(replay_contender, specs, trace, c, args.seed, priors)
+                # One scheduler holds llama.cpp threads at a time (``bench llama`` says why).
+                run = partial(
+                    run_real, specs, trace, sim_policy(c), args.seed,
+                    scoring=c.scoring(), sample_interval=c.params["sample_interval"],
+                    priors=priors,
+                )  # fmt: skip
                 runs.append(RealRun(name, c.label, rnd, anyio.run(run)))
                 print(f"  {name} round {rnd + 1}: {c.label} done")
     wall = time.perf_counter() - t0
@@ -838,7 +825,7 @@ def real_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for c in contenders:
             own = [r for r in mine if r.label == c.label]
             lat = np.concatenate([r.result.latency for r in own])
-            pooled[name][c.label] = p = Latency.of(lat.size, lat[np.isfinite(lat)])
+            pooled[name][c.label] = p = served_latency(lat)
             ratios: dict[str, list[float]] = {"p50": [], "p99": []}
             for r in own:
                 base = next(b for b in mine if b.label == BASELINE and b.round == r.round)

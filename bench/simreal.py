@@ -29,12 +29,14 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import numpy as np
 
-from zeta import ModelSpec, Scheduler, Scoring
+from zeta import ModelSpec, Scheduler
+from zeta._policies import Policy
 from zeta.sim import SCENARIOS, Fleet, SimRequest, SimResult, scenario, simulate
 from zeta.sim._measure import measure_fleet
 from zeta.sim._real import (
@@ -46,7 +48,6 @@ from zeta.sim._real import (
     replay_real,
     stretched,
 )
-from zeta.sim._stats import Latency
 from zeta.testing import ladder_spec
 
 ROLES = ("embedder", "coder", "reasoner")
@@ -72,10 +73,16 @@ def build_trace(
 
 
 async def run_real(
-    specs: list[ModelSpec], trace: list[SimRequest], policy: str, seed: int
+    specs: Sequence[ModelSpec],
+    trace: Sequence[SimRequest],
+    policy: str | Policy,
+    seed: int,
+    **options: Any,
 ) -> RealResult:
+    """``trace`` replayed live on a fresh scheduler over ``specs``; ``options`` go to the
+    :class:`~zeta.Scheduler` (``scoring``, ``priors``, ...). Requests wait for mailbox room."""
     async with Scheduler(
-        specs, policy=policy, scoring=Scoring(), admission_timeout=None, seed=seed
+        list(specs), policy=policy, admission_timeout=None, seed=seed, **options
     ) as zs:
         return await replay_real(zs, trace)
 
@@ -88,15 +95,13 @@ def _pct(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{v * 100:+.0f}%"
 
 
-def p95_ranges(runs: list[RealResult]) -> dict[str, tuple[float, float]]:
+def p95_ranges(runs: list[RealResult], sims: list[SimResult]) -> dict[str, tuple[float, float]]:
     """Per kind, the lowest and highest live p95 over the repeats."""
-    out: dict[str, list[float]] = {}
-    for run in runs:
-        lat, kinds = run.latency, [r.kind.value for r in run.records]
-        for kind in dict.fromkeys(kinds):
-            mine = np.array([v for v, k in zip(lat, kinds, strict=True) if k == kind])
-            out.setdefault(kind, []).append(Latency.of(mine.size, mine[np.isfinite(mine)]).p95_s)
-    return {k: (min(v), max(v)) for k, v in out.items()}
+    per_run = [compare(run, sim) for run, sim in zip(runs, sims, strict=True)]
+    return {
+        kind: (min(g[kind].real.p95_s for g in per_run), max(g[kind].real.p95_s for g in per_run))
+        for kind in per_run[0]
+    }
 
 
 class _PooledSim:
@@ -181,7 +186,7 @@ def main(argv: list[str]) -> int:
         for k in range(args.repeats)
     ]
     real = pooled(runs)
-    ranges = p95_ranges(runs)
+    ranges = p95_ranges(runs, sims)
     gaps = dict(compare(real, _PooledSim(sims)))
 
     print_table(gaps, args.tolerance, ranges)

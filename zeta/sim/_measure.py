@@ -78,7 +78,7 @@ def measure_fleet(
             report(
                 f"{spec.name}: call {call_s * 1e3:.2f} ms, prefill {per_token * 1e6:.1f} us/token"
             )
-            if spec.kinds == frozenset({Kind.EMBED}):
+            if _embeds_only(spec):
                 step_s, jitter = [max(per_token, 1e-6)] * spec.slots, 0.0
             else:
                 step_s, samples = _steps(backend, spec.slots, steps, rounds, salt)
@@ -122,7 +122,7 @@ def _live_coload(
     async def timed(zs: Scheduler, spec: ModelSpec) -> float:
         samples = []
         for _ in range(max(1, rounds) + 1):  # the first is a warm-up
-            if spec.kinds == frozenset({Kind.EMBED}):
+            if _embeds_only(spec):
                 e = await zs.embed(prompt_of(65, salt()), model=spec.name)
                 samples.append(e.service_s)
             else:
@@ -133,7 +133,7 @@ def _live_coload(
 
     async def busy(zs: Scheduler, other: ModelSpec, stop: anyio.Event) -> None:
         while not stop.is_set():
-            if other.kinds == frozenset({Kind.EMBED}):
+            if _embeds_only(other):
                 await zs.embed(prompt_of(65, salt()), model=other.name)
             else:
                 await zs.complete(prompt_of(5, salt()), model=other.name, max_tokens=48)
@@ -164,6 +164,11 @@ def _live_coload(
         return out
 
     return anyio.run(main)
+
+
+def _embeds_only(spec: ModelSpec) -> bool:
+    """Whether ``spec`` serves embeddings and nothing else (timed per text, not per token)."""
+    return spec.kinds == frozenset({Kind.EMBED})
 
 
 def _sim_spec(spec: ModelSpec) -> ModelSpec:
@@ -198,7 +203,7 @@ def _prefill(
     """``(call_s, prefill_token_s)`` fitted from fresh prompts of two lengths."""
     short, long = 4, max(8, min(200, spec.n_ctx // 3))
     points: list[tuple[float, float]] = []
-    embeds = spec.kinds == frozenset({Kind.EMBED})
+    embeds = _embeds_only(spec)
     for n_words in (short, long):
         times, tokens = [], []
         for _ in range(rounds + 1):  # the first is a warm-up
