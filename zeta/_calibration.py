@@ -15,7 +15,8 @@ it replays windows in the simulator, a layer above the scheduler) is built on th
   and how many other models of its device were busy meanwhile (time-averaged);
 * :class:`FitStore` and :func:`fit_service`: per model, a bounded reservoir stratified by load
   and a robust (Huber) weighted regression of the time to first token on the prompt length and
-  of the per-token decode time on busy slots and device co-load;
+  of the log of the per-token decode time on busy slots and device co-load (each multiplies
+  it);
 * :func:`apply_decision`: applies a decision to the router and its kernel table (on the event
   loop; the table has one owner).
 """
@@ -556,13 +557,15 @@ def fit_service(
             cols.append(b)
         if use_o:
             cols.append(o)
-        coef = _huber(np.column_stack(cols), per_token, wd)
-        base = float(coef[0])
-        if base <= 0.0:
-            base = float(np.median(per_token))
-        token_s = max(base, 1e-9)
-        slope = float(coef[1]) / token_s if use_b else math.nan
-        co = float(coef[-1]) / token_s if use_o else math.nan
+        # Fitted in log space: each busy slot and each other busy model multiplies the time
+        # per token. Effects come out as ratios directly; a linear fit's ratios divide by an
+        # intercept extrapolated to one slot and no co-load, which samples taken under load
+        # (a surge) leave so uncertain that the ratios blew up (a co-load of 8x from 31
+        # samples).
+        coef = _huber(np.column_stack(cols), np.log(np.maximum(per_token, 1e-12)), wd)
+        token_s = max(math.exp(float(coef[0])), 1e-9)
+        slope = math.expm1(float(coef[1])) if use_b else math.nan
+        co = math.expm1(float(coef[-1])) if use_o else math.nan
         slope = min(max(slope, 0.0), MAX_FIT_SLOPE) if math.isfinite(slope) else math.nan
         co = min(max(co, 0.0), MAX_FIT_CO_SLOW) if math.isfinite(co) else math.nan
     recent = [x.sample.prompt_tokens for x in samples[-256:]]
