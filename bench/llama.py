@@ -6,8 +6,9 @@
 
 For each ladder model and each level N of requests in flight, N callers each send W requests one
 after another (greedy, exactly T tokens each, seeded prompts of 16 to 40 words) to each
-contender, the same model file and ``--threads`` llama.cpp threads each, all in this process
-but llama-server:
+contender, the same model file and ``--threads`` llama.cpp threads each (default: the host's
+cores, as one model alone on the host would be run; only one contender runs at a time), all in
+this process but llama-server:
 
 * ``zeta``: ``Scheduler.complete`` on a context of S slots (default 16; ``--slots in-flight``
   gives S = N), which decodes up to S requests together;
@@ -466,7 +467,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--slots", type=_slots, default="16", help="zeta's slots, or in-flight")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per context")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads per context (default: the host's cores)",
+    )
     parser.add_argument("--llama-server", help="llama-server binary (default: from PATH)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object, last")
