@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zeta import ConfigError, Scheduler
-from zeta._calibration import CalibrationReport, Sample, concurrency, fit_service
+from zeta._calibration import CalibrationReport, Loaded, Sample, concurrency, fit_service
 from zeta._config import CalibrationSettings, parse_config
 from zeta._types import SCORING_FIELDS, ModelSpec, Scoring
 from zeta.sim import ladder_fleet, scenario
@@ -138,6 +138,25 @@ def test_the_refit_recovers_an_isolated_model_s_service_times() -> None:
     assert fit.call_s == pytest.approx(0.002, rel=0.05)
     assert fit.prefill_token_s == pytest.approx(0.0004, rel=0.05)
     assert fit.token_s == pytest.approx(0.003, rel=0.05)
+
+
+def test_the_refit_of_samples_taken_only_under_load_keeps_its_ratios_sane() -> None:
+    # A surge: every sample decoded beside 2-4 others and 1-2 busy models, never alone, with a
+    # 10% jitter. The one-slot, no-co-load time is an extrapolation; the fit must still land
+    # near it and read each effect as the ratio it is.
+    token, slope, co = 0.014, 0.1, 0.3
+    loaded = []
+    for i in range(40):
+        busy, others = 3.0 + (i % 3) - 1.0, 1.0 + (i % 2)
+        jitter = 1.0 + 0.1 * math.sin(i * 1.7)
+        per_token = token * (1 + slope) ** (busy - 1) * (1 + co) ** others * jitter
+        sample = Sample("reasoner", 3, i, i, i + 0.1, i + 0.1 + 48 * per_token, 60, 48, 64)
+        loaded.append(Loaded(sample, busy, others, 0.1, 48 * per_token))
+    fit = fit_service("reasoner", loaded, 40.0, 60.0)
+    assert fit is not None
+    assert fit.token_s == pytest.approx(token, rel=0.25)
+    assert fit.step_slope == pytest.approx(slope, abs=0.1)
+    assert fit.co_slow == pytest.approx(co, abs=0.15)
 
 
 def test_the_refit_sees_a_model_slow_down() -> None:
