@@ -14,7 +14,8 @@ Candidates sit on devices (:meth:`ScoreTable.set_device`: an integer group id, t
 every row on one device; a new row is on device 0). A model is *busy* when ``busy > 0``. While
 several models on one device are busy, each one's decoding steps slow down: row ``i``'s by
 ``co_slow[i]`` (relative) per other busy model on its device (:meth:`ScoreTable.set_co_slow`;
-measured on an H100 with three models, about 0.94, 0.59 and 0.24; on a 2-core CPU about 1.0).
+measured on an H100 with three models, about 0.94, 0.59 and 0.24; on a 2-core CPU about 1.0
+for two-thread models, 0.0-0.13 for one-thread models beside one other).
 
 Cost of sending one message of ``est_tokens`` output tokens to candidate ``i`` (per row;
 ``s = slots``): its own expected completion, plus ``harm_weight`` times the delay it adds to
@@ -125,7 +126,7 @@ DEFAULT_STEP_SLOPE = 0.15
 #: Largest step slope a table accepts (a step with two sequences 11x slower than with one).
 MAX_STEP_SLOPE = 10.0
 #: A new row's co-load slowdown per other busy model on its device (unless the table is told
-#: another default): between an H100's 0.24..0.94 and a 2-core CPU's 1.0.
+#: another default): within an H100's 0.24..0.94 and a 2-core CPU's 0.0..1.0.
 DEFAULT_CO_SLOW = 0.5
 #: Largest co-load slowdown a table accepts (each other busy model makes a step 11x slower).
 MAX_CO_SLOW = 10.0

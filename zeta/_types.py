@@ -267,8 +267,8 @@ class Scoring:
             each request for its own completion only.
         co_slow: how much slower a model's decoding steps run per other busy model on its
             device (relative; every model gets this value). Measured: about 0.24 to 0.94 for
-            three models on an H100, about 1.0 for models sharing two CPU cores. ``0`` to
-            :data:`MAX_CO_SLOW`.
+            three models on an H100; on two CPU cores about 1.0 for two-thread models and
+            0.0-0.13 for one-thread models beside one other. ``0`` to :data:`MAX_CO_SLOW`.
 
     Every field is a finite number no larger than :data:`MAX_SCORING_VALUE` (``co_slow``: no
     larger than :data:`MAX_CO_SLOW`).
