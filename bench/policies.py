@@ -24,8 +24,9 @@ kernel's spill and quality penalties as ``dynamic`` does.
 Per scenario and policy it prints p50/p95/p99 and mean latency as the median over seeds with a
 95% confidence interval (order statistics, :class:`zeta.sim.Interval`), the quality measure
 (per request: 0 on a model preferred for its kind, else 1 plus the quality ranks lost), the
-spilled share, refusals, and the median of the per-seed ratios to ``static`` and to the oracle.
-Then the issue's targets, each with a pass/fail line (never tuned for: read them as measured),
+spilled share, refusals, and the median of the per-seed ratios to ``static`` and to the oracle;
+for ``dynamic`` also its mean over ``oracle_pen``'s (``mean/pen``: against the reference that
+pays the same penalties, read beside the quality measures). Then the issue's targets, each with a pass/fail line (never tuned for: read them as measured),
 a flag for any policy that beats the oracle on mean latency, and the simulator's speed
 (simulated requests per second of wall time). A contender ``NAME:key=value,...`` runs ``NAME``
 with parameters changed (:data:`PARAMS`), for ablations.
@@ -290,6 +291,8 @@ def aggregate(
             ]
             if label == "dynamic":
                 pairs += [(rival, by[rival], ("p99",)) for rival in RIVALS if rival in by]
+                if ORACLE_PEN in by:  # the oracle under the same quality rules
+                    pairs.append((ORACLE_PEN, by[ORACLE_PEN], ("mean",)))
             for tag, other, figures in pairs:
                 for fig in figures:
                     row[f"{fig}/{tag}"] = Interval.of(
@@ -438,11 +441,13 @@ def print_summary(
     ratios), with the quality measures."""
     out(
         "\ndynamic vs static vs oracle (median of per-seed ratios; quality: dynamic / oracle / "
-        "oracle_pen)"
+        "oracle_pen; mean/pen: dynamic's mean over oracle_pen's, the oracle that pays the same "
+        "penalties)"
     )
     out(
         f"{'scenario':11s} {'p50/st':>6s} {'p95/st':>6s} {'p99/st':>6s} {'mean/st':>7s} "
-        f"{'mean/or':>7s} {'p99/or':>6s} {'or p99/st':>9s} {'or mean/st':>10s}  quality"
+        f"{'mean/or':>7s} {'p99/or':>6s} {'or p99/st':>9s} {'or mean/st':>10s} "
+        f"{'mean/pen':>8s}  quality"
     )
     for name, by in agg.items():
         d, o = by.get("dynamic"), by.get(ORACLE)
@@ -451,11 +456,13 @@ def print_summary(
         pen = by.get(ORACLE_PEN)
         q = f"{d['quality'].median:.3f} / {o['quality'].median:.3f}"
         q += f" / {pen['quality'].median:.3f}" if pen is not None else ""
+        vs_pen = d.get(f"mean/{ORACLE_PEN}")
         out(
             f"{name:11s} {d['p50/static'].median:6.2f} {d['p95/static'].median:6.2f} "
             f"{d['p99/static'].median:6.2f} {d['mean/static'].median:7.2f} "
             f"{d['mean/oracle'].median:7.2f} {d['p99/oracle'].median:6.2f} "
-            f"{o['p99/static'].median:9.2f} {o['mean/static'].median:10.2f}  {q}"
+            f"{o['p99/static'].median:9.2f} {o['mean/static'].median:10.2f} "
+            f"{vs_pen.median if vs_pen is not None else math.nan:8.2f}  {q}"
         )
 
 
