@@ -527,6 +527,7 @@ class ModelActor:
         running = self.running
         control = self._control
         while True:
+            control.wake = False  # an arrival from now on ends the next step job early
             if not running:
                 try:
                     first = await mailbox.receive(clock)
@@ -535,10 +536,6 @@ class ModelActor:
                 taken = [first]
             else:
                 taken = []
-            # An arrival from now on ends the next step job early; the ones before are taken
-            # below. (Cleared only here: the arrival that woke ``receive`` set it too, and a
-            # first job would otherwise return after a single step.)
-            control.wake = False
             # Fill the free slots, highest priority first.
             while len(running) + len(taken) < self.slots and len(mailbox):
                 taken.append(mailbox.pop_nowait(clock()))
