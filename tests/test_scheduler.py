@@ -493,9 +493,14 @@ async def test_dropping_a_stream_without_closing_it_stops_generation() -> None:
         async for _ in zs.stream("forever", kind="simple", max_tokens=100_000):
             break
         gc.collect()
-        await wait_until(lambda: zs.snapshot().models[0].completed == 1)
+        # Generation stops at its next token (the backend ends the sequence as cancelled) or,
+        # when the actor is between step jobs at that moment, at the step boundary (it frees
+        # the slot). Either way the slot is free long before 100,000 tokens.
+        await wait_until(lambda: zs.snapshot().models[0].in_flight == 0)
         await wait_until(lambda: sum(zs.recorder.snapshot().requests.values()) == 1)
-    assert opened.completions[0].finish_reason == "cancelled"
+    assert all(
+        c.finish_reason == "cancelled" and c.completion_tokens < 100_000 for c in opened.completions
+    )
     assert zs.recorder.snapshot().requests == {("m", "simple", "cancelled"): 1}
 
 
