@@ -26,10 +26,11 @@ Per scenario and policy it prints p50/p95/p99 and mean latency as the median ove
 (per request: 0 on a model preferred for its kind, else 1 plus the quality ranks lost), the
 spilled share, refusals, and the median of the per-seed ratios to ``static`` and to the oracle;
 for ``dynamic`` also its mean over ``oracle_pen``'s (``mean/pen``: against the reference that
-pays the same penalties, read beside the quality measures). Then the issue's targets, each with a pass/fail line (never tuned for: read them as measured),
-a flag for any policy that beats the oracle on mean latency, and the simulator's speed
-(simulated requests per second of wall time). A contender ``NAME:key=value,...`` runs ``NAME``
-with parameters changed (:data:`PARAMS`), for ablations.
+pays the same penalties, read beside the quality measures). Then the issue's targets, each with
+a pass/fail line (never tuned for: read them as measured), a flag for any policy that beats the
+oracle on mean latency, and the simulator's speed (simulated requests per second of wall
+time). A contender ``NAME:key=value,...`` runs ``NAME`` with parameters changed
+(:data:`PARAMS`), for ablations.
 
 **The real ladder (``--real``).** Validation on this host: the llama ladder (embedder, coder,
 reasoner; ``--tiny`` the ``*-tiny`` rungs) is measured as ``zeta profile`` does, each scenario's
