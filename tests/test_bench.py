@@ -66,6 +66,8 @@ def test_policies_bench_runs_every_scenario_in_the_simulator(tmp_path: Path) -> 
         dynamic = s["policies"]["dynamic"]
         assert dynamic["p99"]["n"] == 2 and len(dynamic["p99"]["ci95"]) == 2
         assert {"p50/static", "p99/static", "mean/oracle", "quality"} <= set(dynamic)
+        # Against the oracle that pays the same penalties (oracle_pen), seed by seed.
+        assert dynamic["mean/oracle_pen"]["median"] > 0
         assert s["policies"]["static"]["p99/static"]["median"] == 1.0
         assert len(s["per_seed"]["dynamic"]) == 2
     targets = result["targets"]
