@@ -7,12 +7,14 @@ watch queue state through ``snapshot()``, so they assert behaviour without relyi
 from __future__ import annotations
 
 import gc
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 from zeta import (
@@ -372,6 +374,60 @@ async def test_waiting_for_room_admits_in_arrival_order_without_waking_every_wai
                 g.set()
     assert trace.prompts == ["running", "queued", *(f"w{i}" for i in range(waiting))]
     assert policy.calls - before <= 2 * waiting
+
+
+async def fill_then_wait(
+    zs: Scheduler, tg: anyio.abc.TaskGroup, waiters: Sequence[tuple[str, str, Priority]]
+) -> None:
+    """Fill model ``m`` (one running, one queued in a mailbox of one), then start ``waiters``
+    (``(prompt, kind, priority)``) a millisecond or more apart, each waiting for room."""
+    tg.start_soon(zs.complete, "running")
+    await wait_until(lambda: busy(zs, "m") == 1)
+    tg.start_soon(zs.complete, "queued")
+    await wait_until(lambda: queued(zs, "m") == 1)
+    for prompt, kind, priority in waiters:
+        tg.start_soon(lambda p=prompt, k=kind, q=priority: zs.complete(p, kind=k, priority=q))
+        await anyio.wait_all_tasks_blocked()
+        await anyio.sleep(0.001)
+
+
+async def test_waiting_requests_of_every_kind_are_admitted_oldest_first() -> None:
+    # The lines used to be served in kind order (simple, code, embed, reason): while a surge of
+    # code and simple kept the mailboxes full, each freed slot went to them and reasoning
+    # starved. Now the oldest waiter takes the room, whatever its kind.
+    waiters = [("reason-0", "reason"), ("code-1", "code"), ("simple-2", "simple"),
+               ("reason-3", "reason"), ("simple-4", "simple")]  # fmt: skip
+    trace = Trace()
+    with gate() as g:
+        async with Scheduler(
+            [sim("m", gate=g, on_call=trace)], mailbox_capacity=1, admission_timeout=None
+        ) as zs:
+            async with anyio.create_task_group() as tg:
+                await fill_then_wait(zs, tg, [(p, k, Priority.NORMAL) for p, k in waiters])
+                g.set()
+    assert trace.prompts == ["running", "queued", *(p for p, _ in waiters)]
+
+
+@pytest.mark.parametrize("aging_s", [math.inf, 1e-4])
+async def test_waiting_requests_are_admitted_by_priority_then_age(aging_s: float) -> None:
+    # As in the mailbox: the lowest class minus time waited over aging_s first. Without aging,
+    # class first; with aging so fast that a millisecond outweighs ten classes, arrival order.
+    high, normal, low = Priority.HIGH, Priority.NORMAL, Priority.LOW
+    waiters = [("low-reason", "reason", low), ("normal-code", "code", normal),
+               ("high-simple", "simple", high), ("low-code", "code", low),
+               ("high-code", "code", high)]  # fmt: skip
+    trace = Trace()
+    with gate() as g:
+        async with Scheduler(
+            [sim("m", gate=g, on_call=trace)], mailbox_capacity=1, admission_timeout=None,
+            aging_s=aging_s,
+        ) as zs:  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                await fill_then_wait(zs, tg, waiters)
+                g.set()
+    by_class = ["high-simple", "high-code", "normal-code", "low-reason", "low-code"]
+    expected = by_class if aging_s == math.inf else [p for p, _, _ in waiters]
+    assert trace.prompts == ["running", "queued", *expected]
 
 
 async def test_waiters_of_one_kind_do_not_hold_up_another_kind() -> None:

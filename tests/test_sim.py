@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from zeta import ConfigError, Kind
+from zeta import ConfigError, Kind, Priority
 from zeta._policies import Candidate, RouteRequest
 from zeta._scoring import ScoreTable
 from zeta.sim import (
@@ -147,6 +147,42 @@ def test_every_request_completes_or_is_refused_exactly_once(
     else:
         assert s.refused > 0
     # (The engine also raises if any request ended other than once.)
+
+
+ALL = {"name": "m", "kinds": ["simple", "code", "reason"], "step_s": [0.01]}
+
+
+def test_waiting_requests_are_placed_oldest_first_across_kinds() -> None:
+    # One slot, a mailbox of one: the first request runs, the second queues, the rest wait in
+    # their kinds' lines. Each freed slot takes the oldest waiter, whatever its kind: the lines
+    # used to be served in kind order (simple, code, embed, reason), which starved reasoning
+    # for as long as a surge of the others kept the mailboxes full.
+    kinds = [CODE, CODE, REASON, CODE, Kind.SIMPLE, REASON]
+    work = [req(0.001 * n, kind) for n, kind in enumerate(kinds)]
+    r = simulate(fleet(ALL), work, "static", mailbox_capacity=1)
+    finish = r.at + r.latency
+    assert np.argsort(finish).tolist() == list(range(len(work)))
+
+
+def test_waiting_requests_are_placed_by_priority_then_age() -> None:
+    def at(t: float, kind: Kind, priority: Priority) -> SimRequest:
+        return SimRequest(t, kind, 10, 5, 5, priority)
+
+    work = [
+        at(0.000, CODE, Priority.NORMAL),  # runs
+        at(0.001, CODE, Priority.NORMAL),  # queues
+        at(0.002, REASON, Priority.LOW),
+        at(0.003, CODE, Priority.NORMAL),
+        at(0.004, Kind.SIMPLE, Priority.HIGH),
+        at(0.005, REASON, Priority.HIGH),
+    ]
+    order = [0, 1, 4, 5, 3, 2]
+    r = simulate(fleet(ALL), work, "static", mailbox_capacity=1, aging_s=math.inf)
+    assert np.argsort(r.at + r.latency).tolist() == order
+    # Aging: each 0.5 ms of waiting raises a request by a class, so a millisecond between two
+    # arrivals outweighs any one class between them: arrival order.
+    r = simulate(fleet(ALL), work, "static", mailbox_capacity=1, aging_s=0.0005)
+    assert np.argsort(r.at + r.latency).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_a_long_idle_gap_costs_nothing() -> None:

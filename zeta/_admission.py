@@ -1,16 +1,23 @@
 """Admission: places a request in an actor's mailbox, waits for room, or says why it can't.
 
 A request asks the router for an actor and is queued there at once when the policy finds one
-with room. When every actor the policy may use is full, the request joins its kind's line
-(oldest first) for up to its admission timeout; :meth:`Admission.notify_capacity`, called by the
-actors whenever room appears, places the line's head synchronously, so a freed slot costs one
-routing decision per kind and a newcomer cannot take it first. When the actors are down rather
-than full, waiting is pointless (they gain no room until a probe brings them back) and the
-request is refused at once.
+with room. When every actor the policy may use is full, the request joins a line (one per kind
+and priority class, oldest first) for up to its admission timeout; :meth:`Admission.notify_capacity`,
+called by the actors whenever room appears, places waiting requests synchronously, so a freed
+slot costs about one routing decision per line and a newcomer cannot take it first.
+
+Waiting requests are placed in the mailbox's order, across kinds: the lowest ``class - waited /
+aging_s`` first, the older first among equals. A kind's line must not wait for the others: a
+code surge that keeps every mailbox full would otherwise admit each freed slot's code and
+simple requests first and starve the reasoning line for as long as the surge lasts (in the
+simulator's ``overwhelm`` scenario reasoning waited 4x as long as any other kind). When the
+actors are down rather than full, waiting is pointless (they gain no room until a probe brings
+them back) and the request is refused at once.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -29,18 +36,21 @@ from ._loop import EventLike
 from ._request import Request, RequestState
 from ._router import Router
 from ._snapshot import ActorState
-from ._types import SERVED_KINDS, Kind
+from ._types import SERVED_KINDS, Kind, Priority
 
 __all__ = ["Admission"]
 
 
 class _RoomWaiter:
-    """A request waiting for mailbox room: set ``event`` once it was placed (or must give up)."""
+    """A request waiting for mailbox room since ``since`` (the ``seq``-th to wait): set
+    ``event`` once it was placed (or must give up)."""
 
-    __slots__ = ("error", "event")
+    __slots__ = ("error", "event", "seq", "since")
 
-    def __init__(self, event: EventLike) -> None:
+    def __init__(self, event: EventLike, since: float, seq: int) -> None:
         self.event = event
+        self.since = since
+        self.seq = seq
         self.error: Exception | None = None
 
 
@@ -50,21 +60,27 @@ class Admission:
     Args:
         router: decides which actor may take a request.
         clock: the scheduler's clock.
+        aging_s: seconds of waiting that raise a request by one priority class, as in the
+            actors' mailboxes (``math.inf`` disables aging).
 
     The actors (one per router row, in row order) are attached once built, since each is given
     :meth:`notify_capacity` to call.
     """
 
-    def __init__(self, router: Router, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, router: Router, clock: Callable[[], float], *, aging_s: float = 10.0
+    ) -> None:
         self._router = router
         self._clock = clock
+        self._aging = aging_s
         self._actors: tuple[ModelActor, ...] = ()
         #: Whether requests are admitted (the scheduler is running).
         self.open = False
-        #: Requests waiting for mailbox room, per kind, oldest first.
-        self._waiting: dict[Kind, OrderedDict[Request, _RoomWaiter]] = {
-            k: OrderedDict() for k in SERVED_KINDS
+        #: Requests waiting for mailbox room, one line per (kind, priority class), oldest first.
+        self._waiting: dict[tuple[Kind, int], OrderedDict[Request, _RoomWaiter]] = {
+            (k, int(p)): OrderedDict() for k in SERVED_KINDS for p in Priority
         }
+        self._seq = itertools.count()
         self.new_event: Callable[[], EventLike] = anyio.Event
 
     def attach(self, actors: Sequence[ModelActor]) -> None:
@@ -97,9 +113,9 @@ class Admission:
         if request.deadline is not None:
             wait = min(wait, request.deadline - self._clock())
         if wait > 0:
-            # Join this kind's line; notify_capacity admits the line's head when room appears.
-            line = self._waiting[request.kind]
-            waiter = line[request] = _RoomWaiter(self.new_event())
+            # Join the line of its kind and class; notify_capacity places it when its turn comes.
+            line = self._waiting[request.kind, int(request.priority)]
+            waiter = line[request] = _RoomWaiter(self.new_event(), self._clock(), next(self._seq))
             try:
                 with anyio.move_on_after(wait):
                     await waiter.event.wait()
@@ -146,23 +162,38 @@ class Admission:
         )
 
     def notify_capacity(self) -> None:
-        """Room may have appeared: admit waiting requests, oldest first within each kind.
+        """Room may have appeared: admit waiting requests in the mailbox's order across lines.
 
         Called by actors on the loop whenever a full mailbox frees a slot or an actor becomes
-        ready. A line stops at its first request that cannot be placed.
+        ready. The head with the lowest ``class - waited / aging_s`` (the older among equals) is
+        placed first; a line stops at its first request that cannot be placed, the others go on.
         """
         if not self.open:
             return
-        for line in self._waiting.values():
-            while line:
-                request, waiter = next(iter(line.items()))
-                try:
-                    if not self.dispatch(request):
-                        break
-                except Exception as exc:  # a buggy user policy: its caller gets the error
-                    waiter.error = exc
+        lines = [(cls, line) for (_, cls), line in self._waiting.items() if line]
+        if not lines:
+            return
+        now = self._clock()
+        aging = self._aging
+        while lines:
+            best, best_key = 0, (0.0, 0)
+            for j, (cls, line) in enumerate(lines):
+                head = next(iter(line.values()))
+                key = (cls - (now - head.since) / aging, head.seq)
+                if j == 0 or key < best_key:
+                    best, best_key = j, key
+            line = lines[best][1]
+            request, waiter = next(iter(line.items()))
+            try:
+                placed = self.dispatch(request)
+            except Exception as exc:  # a buggy user policy: its caller gets the error
+                waiter.error = exc
+                placed = True
+            if placed:
                 del line[request]
                 waiter.event.set()
+            if not placed or not line:
+                del lines[best]
 
     def close(self) -> None:
         """Stop admitting and wake every request waiting for room; each one raises."""

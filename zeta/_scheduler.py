@@ -225,7 +225,7 @@ class Scheduler:
             clock,
             admission_timeout,
         )
-        self._admission = Admission(router, clock)
+        self._admission = Admission(router, clock, aging_s=aging_s)
         specs = {m.name: m for m in models}
         self._actors: tuple[ModelActor, ...] = tuple(
             ModelActor(

@@ -79,7 +79,7 @@ class Job:
         self.dec = 0.0  # decode length in steps, jitter applied
         self.model = -1  # candidate row it ran on
         self.refused = False
-        self.waiting = False  # in its kind's line, waiting for mailbox room
+        self.waiting = False  # in a line (its kind's and class's), waiting for mailbox room
         self.ends = 0  # how many times it completed or was refused: exactly once at the end
 
 

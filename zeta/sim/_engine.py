@@ -12,9 +12,11 @@ signals the actors and the supervisor feed it live:
 * ``set_load`` / ``set_available`` whenever a mailbox or the slots change (``Actor._sync``): on
   enqueue, on admission into slots, when a request ends;
 * on arrival the policy chooses (``Router.choose``) and the request joins that row's mailbox.
-  When the policy places it nowhere the request waits in its kind's line, oldest first, for up
-  to the admission timeout (``None``: as long as it takes) and is refused after that; a line's
-  head is placed whenever a full mailbox frees room (``Admission.notify_capacity``);
+  When the policy places it nowhere the request waits in the line of its kind and priority
+  class, oldest first, for up to the admission timeout (``None``: as long as it takes) and is
+  refused after that; whenever a full mailbox frees room the waiting requests are placed in the
+  mailbox's order across lines, a line stopping at its first request that cannot be placed
+  (``Admission.notify_capacity``);
 * a replica with a free slot admits from its mailbox at once, highest priority first with aging
   (the actor admits at the next step boundary, a step later), then prefills and decodes
   (:mod:`zeta.sim._context`);
@@ -150,7 +152,9 @@ class _Run:
         self.seed = seed
         self.times = [math.inf] * len(self.contexts)  # each context's next event
         self.enq = 0
-        self.lines: list[deque[Job]] = [deque() for _ in SERVED_KINDS]
+        self.aging = float(aging_s)
+        # One line per kind and priority class, as in Admission; a job joins at its arrival.
+        self.lines: list[deque[Job]] = [deque() for _ in range(len(SERVED_KINDS) * len(Priority))]
         self.timeouts: list[tuple[float, int, Job]] = []
         self.notifying = False
         self.renotify = False
@@ -226,7 +230,7 @@ class _Run:
             self.refuse(job)
             return
         job.waiting = True
-        self.lines[job.ki].append(job)
+        self.lines[job.ki * len(Priority) + job.priority].append(job)
         if self.timeout < math.inf:
             heapq.heappush(self.timeouts, (now + self.timeout, job.index, job))
 
@@ -236,26 +240,38 @@ class _Run:
         job.ends += 1
 
     def notify(self, now: float) -> None:
-        """Room appeared in a mailbox: place each kind's waiting requests, oldest first; a line
-        stops at its first request that cannot be placed."""
+        """Room appeared in a mailbox: place the waiting requests in the mailbox's order across
+        lines (lowest ``class - waited / aging_s``, then the oldest); a line stops at its first
+        request that cannot be placed, the others go on."""
         if self.notifying:  # placing a request freed room again: go round once more
             self.renotify = True
             return
         self.notifying = True
+        aging = self.aging
         try:
             again = True
             while again:
                 self.renotify = False
-                for line in self.lines:
-                    while line:
-                        job = line[0]
-                        if not job.waiting:  # refused at its timeout meanwhile
+                lines = [line for line in self.lines if line]
+                while lines:
+                    best, best_key = -1, (math.inf, math.inf, 0)
+                    for j, line in enumerate(lines):
+                        while line and not line[0].waiting:  # refused at its timeout meanwhile
                             line.popleft()
-                            continue
-                        if not self.dispatch(job, now):
-                            break
-                        job.waiting = False
-                        line.popleft()
+                        if line:
+                            head = line[0]
+                            key = (head.priority - (now - head.at) / aging, head.at, head.index)
+                            if key < best_key:
+                                best, best_key = j, key
+                    if best < 0:
+                        break
+                    line = lines[best]
+                    job = line[0]
+                    if not self.dispatch(job, now):
+                        del lines[best]
+                        continue
+                    job.waiting = False
+                    line.popleft()
                 again = self.renotify
         finally:
             self.notifying = False
