@@ -2,9 +2,10 @@
 
 A request asks the router for an actor and is queued there at once when the policy finds one
 with room. When every actor the policy may use is full, the request joins a line (one per kind
-and priority class, oldest first) for up to its admission timeout; :meth:`Admission.notify_capacity`,
-called by the actors whenever room appears, places waiting requests synchronously, so a freed
-slot costs about one routing decision per line and a newcomer cannot take it first.
+and priority class, oldest first) for up to its admission timeout;
+:meth:`Admission.notify_capacity`, called by the actors whenever room appears, places waiting
+requests synchronously, so a freed slot costs about one routing decision per line and a
+newcomer cannot take it first.
 
 Waiting requests are placed in the mailbox's order, across kinds: the lowest ``class - waited /
 aging_s`` first, the older first among equals. A kind's line must not wait for the others: a
