@@ -430,6 +430,42 @@ async def test_waiting_requests_are_admitted_by_priority_then_age(aging_s: float
     assert trace.prompts == ["running", "queued", *expected]
 
 
+async def test_a_policy_that_raises_for_one_waiter_fails_only_that_request() -> None:
+    class BrokenForReasonWithRoom:
+        name = "broken"
+
+        def choose(
+            self, request: RouteRequest, table: Any, candidates: Sequence[Any]
+        ) -> int | None:
+            if request.kind is Kind.REASON and table.available(0):
+                raise KeyError("policy bug")
+            return DynamicPolicy().choose(request, table, candidates)
+
+    trace = Trace()
+    outcomes: dict[str, object] = {}
+
+    async def run(prompt: str, kind: str) -> None:
+        try:
+            outcomes[prompt] = (await zs.complete(prompt, kind=kind)).model
+        except KeyError as exc:
+            outcomes[prompt] = exc
+
+    with gate() as g:
+        async with Scheduler(
+            [sim("m", gate=g, on_call=trace)], policy=BrokenForReasonWithRoom(),
+            mailbox_capacity=1, admission_timeout=None,
+        ) as zs:  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                await fill_then_wait(zs, tg, [])
+                for prompt, kind in (("reason-0", "reason"), ("code-1", "code")):
+                    tg.start_soon(run, prompt, kind)
+                    await anyio.wait_all_tasks_blocked()
+                g.set()
+    assert isinstance(outcomes["reason-0"], KeyError)  # its caller gets the policy's error
+    assert outcomes["code-1"] == "m"  # and the line goes on
+    assert trace.prompts == ["running", "queued", "code-1"]
+
+
 async def test_waiters_of_one_kind_do_not_hold_up_another_kind() -> None:
     trace = Trace()
     with gate() as code_gate, gate() as reason_gate:

@@ -112,10 +112,11 @@ class Scheduler:
             :data:`~zeta._config.MAX_MAILBOX_CAPACITY`.
         admission_timeout: default for how long a request waits for mailbox room when every
             capable actor is full: ``0`` refuses at once with :class:`~zeta.Overloaded`, ``None``
-            (or ``math.inf``) waits until the request's deadline. Waiting requests of one kind
-            are admitted in arrival order as room appears.
-        aging_s: seconds of queueing that raise a request by one priority class (``math.inf``
-            disables aging).
+            (or ``math.inf``) waits until the request's deadline. As room appears, waiting
+            requests of every kind are placed by priority class, then age (with ``aging_s``).
+        aging_s: seconds of waiting, for mailbox room or in a mailbox, that raise a request by
+            one priority class (``math.inf`` disables aging). A request's age in its mailbox
+            counts from when it was placed there.
         backend_factory: opens contexts for every model; default: the backend each
             :attr:`ModelSpec.backend <zeta.ModelSpec.backend>` names.
         worker: ``"thread"`` (one dedicated thread per context, the default) or ``"to_thread"``

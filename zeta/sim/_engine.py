@@ -464,7 +464,8 @@ def simulate(
         mailbox_capacity: most requests queued per replica.
         admission_timeout: how long a request waits for mailbox room before it is refused
             (``0``: at once; ``None``: as long as it takes), as the scheduler's option.
-        aging_s: seconds of queueing that raise a request by one priority class.
+        aging_s: seconds of waiting (for mailbox room, or in a mailbox since placed there) that
+            raise a request by one priority class.
         sample_interval: seconds between utilisation samples.
         seed: draws the jitter, seeds the kernel's rotation and randomised policies.
         priors: seed each row's estimates (one observation of a typical request at one
