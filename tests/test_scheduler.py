@@ -466,6 +466,40 @@ async def test_a_policy_that_raises_for_one_waiter_fails_only_that_request() -> 
     assert trace.prompts == ["running", "queued", "code-1"]
 
 
+async def test_room_freed_for_an_embedding_goes_to_a_waiter_not_a_newcomer() -> None:
+    # Taking an embedding from a full mailbox frees room before the embedding's call runs; the
+    # requests waiting for that room must get it before the call lets a newcomer in.
+    trace = Trace()
+    hold = {"e0": threading.Event(), "e1": threading.Event()}
+
+    def on_call(op: str, text: str) -> None:
+        trace(op, text)
+        if text in hold:
+            hold[text].wait(10)
+
+    try:
+        async with Scheduler(
+            [sim("emb", kinds=("embed",), on_call=on_call)], mailbox_capacity=1,
+            admission_timeout=None,
+        ) as zs:  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zs.embed, "e0")
+                await wait_until(lambda: trace.prompts == ["e0"])
+                tg.start_soon(zs.embed, "e1")
+                await wait_until(lambda: queued(zs, "emb") == 1)
+                tg.start_soon(zs.embed, "waiter")
+                await anyio.wait_all_tasks_blocked()
+                hold["e0"].set()
+                await wait_until(lambda: "e1" in trace.prompts)
+                tg.start_soon(zs.embed, "newcomer")
+                await anyio.wait_all_tasks_blocked()
+                hold["e1"].set()
+    finally:
+        for event in hold.values():
+            event.set()
+    assert trace.prompts == ["e0", "e1", "waiter", "newcomer"]
+
+
 async def test_waiters_of_one_kind_do_not_hold_up_another_kind() -> None:
     trace = Trace()
     with gate() as code_gate, gate() as reason_gate:

@@ -540,10 +540,8 @@ class ModelActor:
             while len(running) + len(taken) < self.slots and len(mailbox):
                 taken.append(mailbox.pop_nowait(clock()))
             was_full = len(mailbox) + len(taken) >= self.capacity > len(mailbox)
-            admits = await self._start(taken)
+            admits = await self._start(taken, was_full)
             self._sync()
-            if was_full:
-                self._on_capacity()
             # Free the slots of requests whose callers left (cancelled, expired, stream closed).
             cancels = [seq for seq, r in running.items() if r.done or r.abandoned]
             for seq in cancels:
@@ -553,11 +551,13 @@ class ModelActor:
                 await self._step(admits, cancels)
 
     async def _start(
-        self, taken: list[Request]
+        self, taken: list[Request], freed: bool
     ) -> list[tuple[int, CompletionParams, TokenCallback]]:
         """Mark requests just taken from the mailbox as running; return the completions'
         admissions. One that expired while queued fails here and never runs; embeddings run
-        now, one call each, between steps.
+        now, one call each, between steps. ``freed``: taking them made room in a full mailbox,
+        which goes to the requests waiting for it (before an embedding's call, during which a
+        newcomer could otherwise take it).
 
         Raises:
             ContextFailure: an embedding broke the context.
@@ -585,6 +585,9 @@ class ModelActor:
             # Held in ``running`` until settled: if the actor fails or is cancelled meanwhile,
             # the supervisor settles them too.
             self.running[request.id] = request
+        if freed:
+            self._sync()
+            self._on_capacity()
         for request, payload in embeds:
             await self._embed(request, payload)
         return admits
