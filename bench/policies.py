@@ -730,12 +730,7 @@ class RealRun:
     result: RealResult
 
     def latency(self) -> Latency:
-        return served_latency(self.result.latency)
-
-
-def served_latency(lat: np.ndarray[Any, Any]) -> Latency:
-    """Quantiles of the served requests (NaN: not served) among all of ``lat``."""
-    return Latency.of(lat.size, lat[np.isfinite(lat)])
+        return Latency.of_served(self.result.latency)
 
 
 def spilled_share(result: RealResult, specs: Sequence[ModelSpec]) -> float:
@@ -833,7 +828,7 @@ def real_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for c in contenders:
             own = [r for r in mine if r.label == c.label]
             lat = np.concatenate([r.result.latency for r in own])
-            pooled[name][c.label] = p = served_latency(lat)
+            pooled[name][c.label] = p = Latency.of_served(lat)
             ratios: dict[str, list[float]] = {"p50": [], "p99": []}
             for r in own:
                 base = next(b for b in mine if b.label == BASELINE and b.round == r.round)

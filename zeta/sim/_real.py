@@ -237,13 +237,9 @@ def compare(real: Outcomes, sim: Outcomes) -> Mapping[str, KindGap]:
     out: dict[str, KindGap] = {}
     for k, kind in enumerate(SERVED_KINDS):
         mask = kinds == k
-        n = int(mask.sum())
-        if n == 0:
+        if not mask.any():
             continue
-        lat_real, lat_sim = real.latency[mask], sim.latency[mask]
         out[kind.value] = KindGap(
-            kind.value,
-            Latency.of(n, lat_real[np.isfinite(lat_real)]),
-            Latency.of(n, lat_sim[np.isfinite(lat_sim)]),
+            kind.value, Latency.of_served(real.latency[mask]), Latency.of_served(sim.latency[mask])
         )
     return out

@@ -46,6 +46,11 @@ class Latency:
             float(latencies.max()),
         )
 
+    @classmethod
+    def of_served(cls, latencies: npt.NDArray[np.float64]) -> Latency:
+        """Quantiles of the served requests among all of ``latencies`` (NaN: not served)."""
+        return cls.of(latencies.size, latencies[np.isfinite(latencies)])
+
     def to_dict(self) -> dict[str, float | int | None]:
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
