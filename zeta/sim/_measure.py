@@ -119,24 +119,20 @@ def _live_coload(
 
     tokens = max(32, 2 * steps)
 
+    async def one(zs: Scheduler, spec: ModelSpec, max_tokens: int) -> float:
+        """One request to ``spec``: an embedding's service time, else the per-token decode."""
+        if _embeds_only(spec):
+            return (await zs.embed(prompt_of(65, salt()), model=spec.name)).service_s
+        c = await zs.complete(prompt_of(5, salt()), model=spec.name, max_tokens=max_tokens)
+        return (c.service_s - c.first_token_s) / max(1, c.completion_tokens - 1)
+
     async def timed(zs: Scheduler, spec: ModelSpec) -> float:
-        samples = []
-        for _ in range(max(1, rounds) + 1):  # the first is a warm-up
-            if _embeds_only(spec):
-                e = await zs.embed(prompt_of(65, salt()), model=spec.name)
-                samples.append(e.service_s)
-            else:
-                c = await zs.complete(prompt_of(5, salt()), model=spec.name, max_tokens=tokens)
-                decode = c.service_s - c.first_token_s
-                samples.append(decode / max(1, c.completion_tokens - 1))
-        return statistics.median(samples[1:])
+        samples = [await one(zs, spec, tokens) for _ in range(max(1, rounds) + 1)]
+        return statistics.median(samples[1:])  # the first is a warm-up
 
     async def busy(zs: Scheduler, other: ModelSpec, stop: anyio.Event) -> None:
         while not stop.is_set():
-            if _embeds_only(other):
-                await zs.embed(prompt_of(65, salt()), model=other.name)
-            else:
-                await zs.complete(prompt_of(5, salt()), model=other.name, max_tokens=48)
+            await one(zs, other, 48)
 
     async def beside(zs: Scheduler, spec: ModelSpec, others: Sequence[ModelSpec]) -> float:
         stop = anyio.Event()
