@@ -351,31 +351,6 @@ class CountingDynamic:
         return DynamicPolicy().choose(request, table, candidates)
 
 
-async def test_waiting_for_room_admits_in_arrival_order_without_waking_every_waiter() -> None:
-    # Each freed slot must admit the oldest waiter, not wake all of them to race for it: that
-    # costs a routing decision per waiter per slot, quadratic in the number waiting.
-    waiting = 40
-    trace = Trace()
-    policy = CountingDynamic()
-    with gate() as g:
-        async with Scheduler(
-            [sim("m", gate=g, on_call=trace)], policy=policy, mailbox_capacity=1,
-            admission_timeout=None,
-        ) as zs:  # fmt: skip
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(zs.complete, "running")
-                await wait_until(lambda: busy(zs, "m") == 1)
-                tg.start_soon(zs.complete, "queued")
-                await wait_until(lambda: queued(zs, "m") == 1)
-                for i in range(waiting):
-                    tg.start_soon(zs.complete, f"w{i}")
-                    await anyio.wait_all_tasks_blocked()
-                before = policy.calls
-                g.set()
-    assert trace.prompts == ["running", "queued", *(f"w{i}" for i in range(waiting))]
-    assert policy.calls - before <= 2 * waiting
-
-
 async def fill_then_wait(
     zs: Scheduler, tg: anyio.abc.TaskGroup, waiters: Sequence[tuple[str, str, Priority]]
 ) -> None:
@@ -389,6 +364,26 @@ async def fill_then_wait(
         tg.start_soon(lambda p=prompt, k=kind, q=priority: zs.complete(p, kind=k, priority=q))
         await anyio.wait_all_tasks_blocked()
         await anyio.sleep(0.001)
+
+
+async def test_waiting_for_room_admits_in_arrival_order_without_waking_every_waiter() -> None:
+    # Each freed slot must admit the oldest waiter, not wake all of them to race for it: that
+    # costs a routing decision per waiter per slot, quadratic in the number waiting.
+    waiting = 40
+    trace = Trace()
+    policy = CountingDynamic()
+    with gate() as g:
+        async with Scheduler(
+            [sim("m", gate=g, on_call=trace)], policy=policy, mailbox_capacity=1,
+            admission_timeout=None,
+        ) as zs:  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                normal = Priority.NORMAL
+                await fill_then_wait(zs, tg, [(f"w{i}", "simple", normal) for i in range(waiting)])
+                before = policy.calls
+                g.set()
+    assert trace.prompts == ["running", "queued", *(f"w{i}" for i in range(waiting))]
+    assert policy.calls - before <= 2 * waiting
 
 
 async def test_waiting_requests_of_every_kind_are_admitted_oldest_first() -> None:
